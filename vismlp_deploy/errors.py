@@ -1,0 +1,25 @@
+"""Exception types. The CLI maps ``UserError`` (and subclasses) to exit code 2."""
+from __future__ import annotations
+
+
+class VisMLPError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class UserError(VisMLPError):
+    """Bad input or usage: a readable one-line message, exit code 2 in the CLI."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint file or state_dict cannot be read, detected or loaded."""
+
+
+class NotExactError(VisMLPError):
+    """A transform was asked for a fold it cannot do exactly; the message says why.
+
+    The model walker catches this, leaves the module as it was and records the reason.
+    """
+
+
+class VerificationError(VisMLPError):
+    """A deploy form, an export or an engine did not reproduce the reference outputs."""

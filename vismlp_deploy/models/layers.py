@@ -1,0 +1,89 @@
+"""Building blocks shared by the families, each owning its exact ``reparameterize``."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..reparam import transforms as T
+from ..reparam.walker import ReparamContext
+
+
+def clone_conv(conv: nn.Conv2d | nn.Conv1d, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    """A conv with ``conv``'s hyper-parameters and the given weights (padding='same' made explicit)."""
+    padding = conv.padding
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0,) * len(conv.kernel_size)
+        else:  # "same" at stride 1: (d*(k-1))//2 per side, exact for odd k
+            if any((d * (k - 1)) % 2 for k, d in zip(conv.kernel_size, conv.dilation)):
+                raise ValueError("padding='same' with an even effective kernel is asymmetric")
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
+    if conv.padding_mode != "zeros":
+        raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
+    new = type(conv)(
+        weight.shape[1] * conv.groups, weight.shape[0], tuple(weight.shape[2:]), conv.stride,
+        padding, conv.dilation, conv.groups, bias is not None,
+        device=weight.device, dtype=weight.dtype,
+    )
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def clone_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
+    new = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if bias is not None:
+        new.bias.data.copy_(bias)
+    return new
+
+
+def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """(scale, shift) float64 of an eval-mode BatchNorm."""
+    return T.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+
+
+def fuse_conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Module:
+    """Conv/Linear followed by BN over its output channels -> one conv/linear with bias."""
+    w, b = T.fold_bn_after(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+    return clone_linear(w, b) if isinstance(conv, nn.Linear) else clone_conv(conv, w, b)
+
+
+class ConvBN(nn.Sequential):
+    """``conv`` then ``bn`` (keys ``conv.*``, ``bn.*``); deploys as one conv with bias."""
+
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, groups: int = 1, bias: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=bias)
+        self.bn = nn.BatchNorm2d(cout)
+
+    def reparameterize(self, ctx: ReparamContext) -> nn.Module:
+        ctx.folded("BatchNorm2d->Conv2d")
+        return fuse_conv_bn(self.conv, self.bn)
+
+
+class Affine(nn.Module):
+    """ResMLP's ``alpha * x + beta`` over the last (channel) axis. alpha/beta: (C,)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.addcmul(self.beta, self.alpha, x)
+
+
+class ChannelScale(nn.Module):
+    """A per-channel multiply kept in a deploy graph (e.g. a layer-scale that cannot fold)."""
+
+    def __init__(self, scale: Tensor, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+        self.scale = nn.Parameter(scale.detach().clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = [1] * x.dim()
+        shape[self.dim] = -1
+        return x * self.scale.reshape(shape)

@@ -1,0 +1,66 @@
+"""What a re-parameterization did: folds by kind, modules left and why, size before/after."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Left:
+    """A module the walker left as it was."""
+
+    path: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class ReparamReport:
+    """Filled by :func:`vismlp_deploy.reparameterize`; ``to_dict()`` is the ``--json`` form."""
+
+    folded: Counter = field(default_factory=Counter)  # kind -> count
+    folded_paths: list[tuple[str, str]] = field(default_factory=list)  # (path, kind)
+    left: list[Left] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    flops_before: int | None = None
+    flops_after: int | None = None
+    input_size: tuple[int, ...] | None = None
+
+    def to_dict(self) -> dict:
+        return {
+            "folded": dict(self.folded),
+            "folded_paths": [{"path": p, "kind": k} for p, k in self.folded_paths],
+            "left": [{"path": x.path, "kind": x.kind, "reason": x.reason} for x in self.left],
+            "params_before": self.params_before,
+            "params_after": self.params_after,
+            "flops_before": self.flops_before,
+            "flops_after": self.flops_after,
+            "input_size": list(self.input_size) if self.input_size else None,
+        }
+
+    def summary(self) -> str:
+        """One line, for logs and ONNX metadata."""
+        folded = ", ".join(f"{k}×{n}" for k, n in sorted(self.folded.items())) or "nothing"
+        left = f"; left {len(self.left)}" if self.left else ""
+        return f"folded {folded}{left}; params {self.params_before:,} -> {self.params_after:,}"
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters and persistent floating buffers (BN statistics count: they are weights to ship)."""
+    n = sum(p.numel() for p in model.parameters())
+    n += sum(b.numel() for name, b in model.named_buffers() if b.is_floating_point())
+    return n
+
+
+def count_flops(model: nn.Module, example: torch.Tensor) -> int:
+    """FLOPs of one forward (matmul/conv counted by torch's FlopCounterMode, 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.inference_mode():
+        model(example)
+    return counter.get_total_flops()

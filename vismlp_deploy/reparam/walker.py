@@ -1,0 +1,121 @@
+"""The one recursive walker: ``reparameterize(model)`` -> deploy model with a report.
+
+Post-order: children are converted first, so a parent's ``reparameterize`` sees the
+deploy forms of its children (plain convs/linears), which are the easiest to fold into.
+A module's ``reparameterize(ctx)`` returns its replacement (or itself) and records what it
+folded through ``ctx``; if it raises :class:`NotExactError` the module is kept as it was
+and the reason goes into the report. The input model is never mutated.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..errors import NotExactError, UserError
+from .report import Left, ReparamReport, count_flops, count_params
+
+
+@runtime_checkable
+class Reparameterizable(Protocol):
+    _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _report_remaining_norms(deploy: nn.Module, report: ReparamReport) -> None:
+    """Every norm still in the deploy model is named in the report, with a reason."""
+    known = {x.path for x in report.left}
+    for path, mod in deploy.named_modules():
+        if isinstance(mod, _NORMS) and path not in known:
+            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and not getattr(mod, "elementwise_affine", getattr(mod, "affine", False)):
+                reason = "normalization without affine (statistics are computed at run time)"
+            else:
+                reason = "no exact fold applies at this position"
+            report.left.append(Left(path, type(mod).__name__, reason))
+
+
+def reparameterize(self, ctx: "ReparamContext") -> nn.Module: ...
+
+
+@dataclass
+class ReparamContext:
+    """Handed to each ``reparameterize``: where the module sits and where to report."""
+
+    report: ReparamReport
+    path: str = ""
+
+    def child(self, name: str) -> "ReparamContext":
+        return ReparamContext(self.report, f"{self.path}.{name}" if self.path else name)
+
+    def folded(self, kind: str, what: str = "") -> None:
+        """Record one exact fold, e.g. ``ctx.folded("BatchNorm2d->Conv2d", "ffn.fc1")``."""
+        self.report.folded[kind] += 1
+        self.report.folded_paths.append((f"{self.path}.{what}" if what else self.path, kind))
+
+    def left(self, what: str, kind: str, reason: str) -> None:
+        """Record a module left in place and why (a fold that is not exact)."""
+        path = f"{self.path}.{what}" if what else self.path
+        self.report.left.append(Left(path, kind, reason))
+
+
+def _walk(module: nn.Module, ctx: ReparamContext) -> nn.Module:
+    for name, child in list(module.named_children()):
+        new = _walk(child, ctx.child(name))
+        if new is not child:
+            setattr(module, name, new)
+    if isinstance(module, Reparameterizable):
+        try:
+            return module.reparameterize(ctx)
+        except NotExactError as e:
+            ctx.left("", type(module).__name__, str(e))
+    return module
+
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _report_remaining_norms(deploy: nn.Module, report: ReparamReport) -> None:
+    """Every norm still in the deploy model is named in the report, with a reason."""
+    known = {x.path for x in report.left}
+    for path, mod in deploy.named_modules():
+        if isinstance(mod, _NORMS) and path not in known:
+            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and not getattr(mod, "elementwise_affine", getattr(mod, "affine", False)):
+                reason = "normalization without affine (statistics are computed at run time)"
+            else:
+                reason = "no exact fold applies at this position"
+            report.left.append(Left(path, type(mod).__name__, reason))
+
+
+def reparameterize(
+    model: nn.Module,
+    example_input: torch.Tensor | None = None,
+    count: bool = True,
+) -> nn.Module:
+    """A new, exactly equivalent deploy model; its report is ``result.reparam_report``.
+
+    ``example_input`` (N, C, H, W) is used for FLOP counting; by default one image of the
+    model's ``input_size`` attribute when it has one. The model must be in eval mode:
+    folding batch statistics of a training-mode model is meaningless.
+    """
+    if model.training:
+        raise UserError("model is in training mode; call model.eval() before reparameterize()")
+    report = ReparamReport()
+    deploy = copy.deepcopy(model)
+    with torch.no_grad():
+        deploy = _walk(deploy, ReparamContext(report))
+    deploy.eval()
+    _report_remaining_norms(deploy, report)
+    report.params_before, report.params_after = count_params(model), count_params(deploy)
+    if count:
+        size = getattr(model, "input_size", None)
+        if example_input is None and size is not None:
+            p = next(model.parameters())
+            example_input = torch.zeros(1, *size, dtype=p.dtype, device=p.device)
+        if example_input is not None:
+            report.input_size = tuple(example_input.shape[1:])
+            report.flops_before = count_flops(model, example_input)
+            report.flops_after = count_flops(deploy, example_input)
+    deploy.reparam_report = report
+    return deploy

@@ -1,0 +1,57 @@
+"""Polygraphy-style comparison statistics between a reference output and a candidate."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor
+
+# Tolerances on max|y - ref| / max|ref| by the precision the candidate ran in.
+TOLERANCES = {"fp64": 1e-10, "fp32": 1e-5, "tf32": 5e-3, "fp16": 2e-2, "bf16": 1e-1}
+
+
+@dataclass
+class Stats:
+    """Equivalence of ``y`` against ``ref``, both (N, classes) logits (or any (N, ...))."""
+
+    max_abs: float
+    mean_abs: float
+    median_abs: float
+    rel: float  # max|y - ref| / max|ref|: the numerics policy's measure
+    max_elementwise_rel: float
+    cosine: float  # worst per-sample cosine similarity
+    top1: float  # fraction of samples with the same argmax
+    top5: float | None
+    n: int
+
+    def passed(self, tol: float) -> bool:
+        return self.rel <= tol
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def compare(y: Tensor, ref: Tensor) -> Stats:
+    y, ref = y.detach().double().cpu(), ref.detach().double().cpu()
+    if y.shape != ref.shape:
+        raise ValueError(f"output shapes differ: {tuple(y.shape)} vs {tuple(ref.shape)}")
+    diff = (y - ref).abs()
+    n = y.shape[0]
+    yf, rf = y.reshape(n, -1), ref.reshape(n, -1)
+    cos = torch.nn.functional.cosine_similarity(yf, rf, dim=1, eps=1e-300)
+    top1 = (yf.argmax(1) == rf.argmax(1)).double().mean().item()
+    top5 = None
+    if yf.shape[1] >= 5:
+        # top-5 agreement: the reference's top-1 class is among the candidate's top 5
+        top5 = (yf.topk(5, 1).indices == rf.argmax(1, keepdim=True)).any(1).double().mean().item()
+    return Stats(
+        max_abs=diff.max().item(),
+        mean_abs=diff.mean().item(),
+        median_abs=diff.median().item(),
+        rel=(diff.max() / ref.abs().max().clamp_min(1e-300)).item(),
+        max_elementwise_rel=(diff / ref.abs().clamp_min(1e-12)).max().item(),
+        cosine=cos.min().item(),
+        top1=top1,
+        top5=top5,
+        n=n,
+    )
