@@ -1,0 +1,247 @@
+"""Property tests for every identity in reparam/transforms.py, each against the module it replaces.
+
+Random shapes, groups, kernel sizes, paddings, strides, dilations, eps and tiny variances;
+fp64 relative error <= 1e-10 and fp32 <= 1e-5. Refusals are tested where the identity fails.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from helpers import assert_close
+from vismlp_deploy.errors import NotExactError
+from vismlp_deploy.reparam import transforms as T
+
+DTYPES = st.sampled_from([torch.float64, torch.float32])
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _bn_stats(c: int, g: torch.Generator, tiny_var: bool, dtype) -> dict:
+    var = torch.rand(c, generator=g, dtype=torch.float64) * 1.5 + 0.5
+    if tiny_var:  # variances far below eps: the rsqrt is dominated by eps
+        var = var * 1e-7
+    return dict(
+        running_mean=(torch.randn(c, generator=g, dtype=torch.float64) * 0.2).to(dtype),
+        running_var=var.to(dtype),
+        weight=(torch.rand(c, generator=g, dtype=torch.float64) + 0.5).to(dtype),
+        bias=(torch.randn(c, generator=g, dtype=torch.float64) * 0.2).to(dtype),
+    )
+
+
+def _bn(x: torch.Tensor, s: dict, eps: float) -> torch.Tensor:
+    return F.batch_norm(x, s["running_mean"], s["running_var"], s["weight"], s["bias"], False, 0.0, eps)
+
+
+conv_cases = st.fixed_dictionaries(dict(
+    groups=st.integers(1, 3),
+    cpg=st.integers(1, 3),          # input channels per group
+    opg=st.integers(1, 3),          # output channels per group
+    k=st.sampled_from([1, 2, 3, 5]),
+    stride=st.integers(1, 2),
+    padding=st.integers(0, 2),
+    dilation=st.integers(1, 2),
+    bias=st.booleans(),
+    h=st.integers(5, 9),
+    w=st.integers(5, 9),
+    seed=st.integers(0, 2**16),
+))
+
+
+def _conv(case, dtype):
+    eff = (case["k"] - 1) * case["dilation"] + 1
+    assume(eff <= min(case["h"], case["w"]) + 2 * case["padding"])
+    g = _gen(case["seed"])
+    cin, out = case["cpg"] * case["groups"], case["opg"] * case["groups"]
+    w = torch.randn(out, case["cpg"], case["k"], case["k"], generator=g, dtype=torch.float64) / (case["cpg"] * case["k"] ** 2) ** 0.5
+    b = torch.randn(out, generator=g, dtype=torch.float64) * 0.1 if case["bias"] else None
+    x = torch.randn(2, cin, case["h"], case["w"], generator=g, dtype=torch.float64)
+    kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
+    cast = (lambda t: None if t is None else t.to(dtype))
+    return cast(w), cast(b), cast(x), kw, g
+
+
+@given(case=conv_cases, eps=st.sampled_from([1e-5, 1e-3, 1e-6]), tiny=st.booleans(), dtype=DTYPES)
+def test_fold_bn_after_conv(case, eps, tiny, dtype):
+    w, b, x, kw, g = _conv(case, dtype)
+    stats = _bn_stats(w.shape[0], g, tiny, dtype)
+    ref = _bn(F.conv2d(x, w, b, **kw), stats, eps)
+    w2, b2 = T.fold_bn_after(w, b, stats["running_mean"], stats["running_var"], stats["weight"], stats["bias"], eps)
+    assert w2.dtype == dtype
+    assert_close(F.conv2d(x, w2, b2, **kw), ref)
+
+
+@given(cin=st.integers(1, 9), out=st.integers(1, 9), bias=st.booleans(), affine=st.booleans(),
+       seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_fold_bn_after_linear(cin, out, bias, affine, seed, dtype):
+    g = _gen(seed)
+    w = torch.randn(out, cin, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(out, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    x = torch.randn(4, cin, generator=g, dtype=torch.float64).to(dtype)
+    stats = _bn_stats(out, g, False, dtype)
+    if not affine:
+        stats["weight"] = stats["bias"] = None
+    ref = _bn(F.linear(x, w, b), stats, 1e-5)
+    w2, b2 = T.fold_bn_after(w, b, stats["running_mean"], stats["running_var"], stats["weight"], stats["bias"], 1e-5)
+    assert_close(F.linear(x, w2, b2), ref)
+
+
+@given(case=conv_cases, dtype=DTYPES)
+def test_fold_affine_before_conv(case, dtype):
+    """An input affine enters any conv exactly when there is no zero padding (bias sums the taps)."""
+    case = {**case, "padding": 0}
+    w, b, x, kw, g = _conv(case, dtype)
+    cin = x.shape[1]
+    s = (torch.rand(cin, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    t = (torch.randn(cin, generator=g, dtype=torch.float64) * 0.2).to(dtype)
+    ref = F.conv2d(x * s[:, None, None] + t[:, None, None], w, b, **kw)
+    w2, b2 = T.fold_affine_before(w, b, s, t, groups=case["groups"], padding=0)
+    assert_close(F.conv2d(x, w2, b2, **kw), ref)
+
+
+@given(case=conv_cases, dtype=DTYPES)
+def test_fold_affine_before_padded_conv_scale_only_is_exact_shift_is_refused(case, dtype):
+    case = {**case, "padding": max(1, case["padding"])}
+    w, b, x, kw, g = _conv(case, dtype)
+    cin = x.shape[1]
+    s = (torch.rand(cin, generator=g, dtype=torch.float64) + 0.5).to(dtype)
+    ref = F.conv2d(x * s[:, None, None], w, b, **kw)
+    w2, b2 = T.fold_affine_before(w, b, s, None, groups=case["groups"], padding=case["padding"])
+    assert_close(F.conv2d(x, w2, b2, **kw), ref)
+    t = torch.full((cin,), 0.3, dtype=dtype)
+    with pytest.raises(NotExactError, match="zero-padded"):
+        T.fold_affine_before(w, b, s, t, groups=case["groups"], padding=case["padding"])
+
+
+@given(case=conv_cases, dtype=DTYPES)
+def test_shift_bias_map_is_exact_at_fixed_size(case, dtype):
+    w, b, x, kw, g = _conv(case, dtype)
+    cin = x.shape[1]
+    t = (torch.randn(cin, generator=g, dtype=torch.float64) * 0.5).to(dtype)
+    ref = F.conv2d(x + t[:, None, None], w, b, **kw)
+    bias_map = T.shift_bias_map(w, t, x.shape[-2:], **kw)
+    got = F.conv2d(x, w, b, **kw) + bias_map
+    assert_close(got, ref)
+
+
+@given(cin=st.integers(1, 9), out=st.integers(1, 9), tokens=st.integers(1, 6), seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_fold_affine_before_and_after_linear(cin, out, tokens, seed, dtype):
+    """LayerNorm γ/β or Affine -> fc1 (input side); layer-scale after fc2 (output side)."""
+    g = _gen(seed)
+    w = torch.randn(out, cin, generator=g, dtype=torch.float64).to(dtype)
+    b = torch.randn(out, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(2, tokens, cin, generator=g, dtype=torch.float64).to(dtype)
+    s, t = torch.rand(cin, generator=g, dtype=torch.float64).to(dtype) + 0.5, torch.randn(cin, generator=g, dtype=torch.float64).to(dtype)
+    w2, b2 = T.fold_affine_before(w, b, s, t)
+    assert_close(F.linear(x, w2, b2), F.linear(x * s + t, w, b))
+    ls = torch.rand(out, generator=g, dtype=torch.float64).to(dtype) + 0.2
+    w3, b3 = T.fold_affine_after(w, b, ls, torch.zeros(out, dtype=dtype))
+    assert_close(F.linear(x, w3, b3), ls * F.linear(x, w, b))
+
+
+@given(groups=st.integers(1, 3), cpg=st.integers(1, 3), opg=st.integers(1, 4), k=st.sampled_from([1, 3, 5, 7]),
+       h=st.integers(1, 6), w=st.integers(1, 6), bias=st.booleans(), seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_conv_to_fc_identity_trick(groups, cpg, opg, k, h, w, bias, seed, dtype):
+    """Grouped conv with in != out channels, any odd k, non-square maps -> exact FC kernel."""
+    g = _gen(seed)
+    cin, out = cpg * groups, opg * groups
+    ker = torch.randn(out, cpg, k, k, generator=g, dtype=torch.float64).to(dtype)
+    bvec = torch.randn(out, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    x = torch.randn(3, cin, h, w, generator=g, dtype=torch.float64).to(dtype)
+    ref = F.conv2d(x, ker, bvec, padding=k // 2, groups=groups)
+    fc, fcb = T.conv_to_fc(ker, bvec, h, w, groups=groups, padding=k // 2)
+    assert fc.shape == (out * h * w, cpg * h * w)
+    # the FC kernel is a grouped 1x1 conv on the flattened (c, y, x) vectors
+    got = F.conv1d(x.reshape(3, cin * h * w, 1), fc.unsqueeze(-1), fcb, groups=groups).reshape(ref.shape)
+    assert_close(got, ref)
+
+
+def test_conv_to_fc_in_ne_out_differs_from_published_reshape():
+    """The published pseudo-code's (O·h·w/g, C·h·w) reshape is wrong when C != O; ours is exact."""
+    g = _gen(0)
+    cin, out, h, w = 2, 3, 3, 4
+    ker = torch.randn(out, cin, 3, 3, generator=g, dtype=torch.float64)
+    x = torch.randn(1, cin, h, w, generator=g, dtype=torch.float64)
+    ref = F.conv2d(x, ker, padding=1)
+    fc, _ = T.conv_to_fc(ker, None, h, w, padding=1)
+    assert_close((fc @ x.reshape(-1)).reshape(ref.shape), ref)
+    eye = torch.eye(cin * h * w, dtype=torch.float64).reshape(-1, cin, h, w)
+    published = F.conv2d(eye, ker, padding=1).reshape(out * h * w, cin * h * w).t()
+    wrong = (published.reshape(out * h * w, cin * h * w) @ x.reshape(-1)).reshape(ref.shape) if published.shape[0] == out * h * w else None
+    assert wrong is None or (wrong - ref).abs().max() > 1e-3
+
+
+@given(s=st.integers(1, 5), k=st.sampled_from([1, 3, 5]), h=st.integers(1, 7), w=st.integers(1, 7),
+       seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_depthwise_conv_to_fc(s, k, h, w, seed, dtype):
+    g = _gen(seed)
+    ker = torch.randn(s, 1, k, k, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(2, s, h, w, generator=g, dtype=torch.float64).to(dtype)
+    ref = F.conv2d(x, ker, padding=k // 2, groups=s)
+    m = T.depthwise_conv_to_fc(ker, h, w, k // 2)
+    got = torch.einsum("soi,nsi->nso", m, x.reshape(2, s, h * w)).reshape(ref.shape)
+    assert_close(got, ref)
+
+
+@given(ks=st.lists(st.sampled_from([1, 3, 5, 7]), min_size=1, max_size=4), groups=st.integers(1, 3),
+       cpg=st.integers(1, 2), opg=st.integers(1, 2), identity=st.booleans(), seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_merge_parallel_kernels_with_identity(ks, groups, cpg, opg, identity, seed, dtype):
+    g = _gen(seed)
+    cin, out = cpg * groups, opg * groups
+    if identity:
+        out = cin  # an identity branch needs in == out
+    x = torch.randn(2, cin, 6, 5, generator=g, dtype=torch.float64).to(dtype)
+    branches, ref = [], 0
+    for k in ks:
+        ker = torch.randn(out, cin // groups, k, k, generator=g, dtype=torch.float64).to(dtype)
+        b = torch.randn(out, generator=g, dtype=torch.float64).to(dtype)
+        branches.append((ker, b, k // 2))
+        ref = ref + F.conv2d(x, ker, b, padding=k // 2, groups=groups)
+    if identity:
+        branches.append((T.identity_kernel(cin, groups, 1, dtype), None, 0))
+        ref = ref + x
+    w, b, pad = T.merge_parallel_kernels(branches)
+    assert_close(F.conv2d(x, w, b, padding=pad, groups=groups), ref)
+
+
+def test_merge_parallel_kernels_refuses_misaligned_branch():
+    w = torch.randn(2, 2, 3, 3)
+    with pytest.raises(NotExactError, match="centre aligned"):
+        T.merge_parallel_kernels([(w, None, 0), (w, None, 1)])
+
+
+@given(groups=st.integers(1, 3), cpg=st.integers(1, 3), mpg=st.integers(1, 3), opg=st.integers(1, 3),
+       k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2), seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_merge_1x1_kxk(groups, cpg, mpg, opg, k, stride, seed, dtype):
+    g = _gen(seed)
+    w1 = torch.randn(mpg * groups, cpg, 1, 1, generator=g, dtype=torch.float64).to(dtype)
+    b1 = torch.randn(mpg * groups, generator=g, dtype=torch.float64).to(dtype)
+    w2 = torch.randn(opg * groups, mpg, k, k, generator=g, dtype=torch.float64).to(dtype)
+    b2 = torch.randn(opg * groups, generator=g, dtype=torch.float64).to(dtype)
+    x = torch.randn(2, cpg * groups, 7, 6, generator=g, dtype=torch.float64).to(dtype)
+    ref = F.conv2d(F.conv2d(x, w1, b1, groups=groups), w2, b2, stride=stride, groups=groups)
+    w, b = T.merge_1x1_kxk(w1, b1, w2, b2, groups=groups, padding2=0)
+    assert_close(F.conv2d(x, w, b, stride=stride, groups=groups), ref)
+    if k > 1:  # a non-zero 1x1 bias meets the kxk conv's zero padding
+        with pytest.raises(NotExactError, match="zero padding"):
+            T.merge_1x1_kxk(w1, b1, w2, b2, groups=groups, padding2=k // 2)
+        w, b = T.merge_1x1_kxk(w1, None, w2, b2, groups=groups, padding2=k // 2)
+        ref = F.conv2d(F.conv2d(x, w1, None, groups=groups), w2, b2, padding=k // 2, groups=groups)
+        assert_close(F.conv2d(x, w, b, padding=k // 2, groups=groups), ref)
+
+
+def test_bn_scale_shift_refuses_non_finite_statistics():
+    with pytest.raises(NotExactError, match="NaN"):
+        T.bn_scale_shift(torch.tensor([float("nan")]), torch.ones(1), None, None, 1e-5)
+    with pytest.raises(NotExactError, match="batch statistics"):
+        T.bn_scale_shift(None, None, None, None, 1e-5)
+
+
+def test_pad_kernel_refuses_uncentrable():
+    with pytest.raises(NotExactError):
+        T.pad_kernel(torch.ones(1, 1, 2, 2), 3)
