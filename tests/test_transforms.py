@@ -161,19 +161,21 @@ def test_conv_to_fc_identity_trick(groups, cpg, opg, k, h, w, bias, seed, dtype)
     assert_close(got, ref)
 
 
-def test_conv_to_fc_in_ne_out_differs_from_published_reshape():
-    """The published pseudo-code's (O·h·w/g, C·h·w) reshape is wrong when C != O; ours is exact."""
+@pytest.mark.parametrize("cin,out", [(2, 3), (3, 3)])
+def test_conv_to_fc_matches_published_reshape_only_when_in_equals_out(cin, out):
+    """The published pseudo-code flattens the identity response to (O·h·w, C·h·w) rows before
+    transposing; that is right only when C == O. Ours is exact in both cases."""
     g = _gen(0)
-    cin, out, h, w = 2, 3, 3, 4
+    h, w = 3, 4
     ker = torch.randn(out, cin, 3, 3, generator=g, dtype=torch.float64)
-    x = torch.randn(1, cin, h, w, generator=g, dtype=torch.float64)
-    ref = F.conv2d(x, ker, padding=1)
+    x = torch.randn(cin, h, w, generator=g, dtype=torch.float64)
+    ref = F.conv2d(x[None], ker, padding=1)[0]
     fc, _ = T.conv_to_fc(ker, None, h, w, padding=1)
     assert_close((fc @ x.reshape(-1)).reshape(ref.shape), ref)
     eye = torch.eye(cin * h * w, dtype=torch.float64).reshape(-1, cin, h, w)
-    published = F.conv2d(eye, ker, padding=1).reshape(out * h * w, cin * h * w).t()
-    wrong = (published.reshape(out * h * w, cin * h * w) @ x.reshape(-1)).reshape(ref.shape) if published.shape[0] == out * h * w else None
-    assert wrong is None or (wrong - ref).abs().max() > 1e-3
+    published = F.conv2d(eye, ker, padding=1).reshape(out * h * w, cin * h * w).t().reshape(out * h * w, cin * h * w)
+    err = ((published @ x.reshape(-1)).reshape(ref.shape) - ref).abs().max()
+    assert (err < 1e-12) == (cin == out)
 
 
 @given(s=st.integers(1, 5), k=st.sampled_from([1, 3, 5]), h=st.integers(1, 7), w=st.integers(1, 7),
