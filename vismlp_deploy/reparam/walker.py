@@ -21,22 +21,9 @@ from .report import Left, ReparamReport, count_flops, count_params
 
 @runtime_checkable
 class Reparameterizable(Protocol):
-    _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+    """A module that knows its own exact deploy form."""
 
-
-def _report_remaining_norms(deploy: nn.Module, report: ReparamReport) -> None:
-    """Every norm still in the deploy model is named in the report, with a reason."""
-    known = {x.path for x in report.left}
-    for path, mod in deploy.named_modules():
-        if isinstance(mod, _NORMS) and path not in known:
-            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and not getattr(mod, "elementwise_affine", getattr(mod, "affine", False)):
-                reason = "normalization without affine (statistics are computed at run time)"
-            else:
-                reason = "no exact fold applies at this position"
-            report.left.append(Left(path, type(mod).__name__, reason))
-
-
-def reparameterize(self, ctx: "ReparamContext") -> nn.Module: ...
+    def reparameterize(self, ctx: "ReparamContext") -> nn.Module: ...
 
 
 @dataclass
