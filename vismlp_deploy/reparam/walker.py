@@ -34,17 +34,19 @@ class ReparamContext:
     path: str = ""
 
     def child(self, name: str) -> "ReparamContext":
-        return ReparamContext(self.report, f"{self.path}.{name}" if self.path else name)
+        return ReparamContext(self.report, self._join(name))
 
     def folded(self, kind: str, what: str = "") -> None:
         """Record one exact fold, e.g. ``ctx.folded("BatchNorm2d->Conv2d", "ffn.fc1")``."""
         self.report.folded[kind] += 1
-        self.report.folded_paths.append((f"{self.path}.{what}" if what else self.path, kind))
+        self.report.folded_paths.append((self._join(what), kind))
 
     def left(self, what: str, kind: str, reason: str) -> None:
         """Record a module left in place and why (a fold that is not exact)."""
-        path = f"{self.path}.{what}" if what else self.path
-        self.report.left.append(Left(path, kind, reason))
+        self.report.left.append(Left(self._join(what), kind, reason))
+
+    def _join(self, what: str) -> str:
+        return ".".join(p for p in (self.path, what) if p)
 
 
 def _walk(module: nn.Module, ctx: ReparamContext) -> nn.Module:
