@@ -84,24 +84,39 @@ def reparameterize(
 ) -> nn.Module:
     """A new, exactly equivalent deploy model; its report is ``result.reparam_report``.
 
-    ``example_input`` (N, C, H, W) is used for FLOP counting; by default one image of the
-    model's ``input_size`` attribute when it has one. The model must be in eval mode:
+    Modules that define ``reparameterize(ctx)`` (every family of this package) are
+    converted by it. A model with none of them (a timm object, a user's nn.Sequential) goes
+    through the generic torch.fx pass (:func:`graph.fold_graph`), which verifies its result
+    numerically and raises ``VerificationError`` rather than return a wrong model.
+    ``example_input`` (N, C, H, W) is used for FLOP counting and by the graph pass; by
+    default one random image of the model's ``input_size`` attribute when it has one. The model must be in eval mode:
     folding batch statistics of a training-mode model is meaningless.
     """
     if model.training:
         raise UserError("model is in training mode; call model.eval() before reparameterize()")
     report = ReparamReport()
+    size = getattr(model, "input_size", None)
+    if example_input is None and size is not None:
+        p = next(model.parameters())
+        # random, not zeros: the graph pass checks its result on this input
+        g = torch.Generator(device=p.device).manual_seed(0)
+        example_input = torch.randn(1, *size, generator=g, device=p.device).to(p.dtype)
+    ours = any(isinstance(m, Reparameterizable) for m in model.modules())
     deploy = copy.deepcopy(model)
     with torch.no_grad():
         deploy = _walk(deploy, ReparamContext(report))
+    if not ours:
+        # A model this package did not define: the generic, verified torch.fx pass.
+        if example_input is None:
+            report.left.append(Left("", type(model).__name__, "the graph pass needs example_input or model.input_size"))
+        else:
+            from .graph import fold_graph
+
+            deploy, _ = fold_graph(deploy, example_input, report=report)
     deploy.eval()
     _report_remaining_norms(deploy, report)
     report.params_before, report.params_after = count_params(model), count_params(deploy)
     if count:
-        size = getattr(model, "input_size", None)
-        if example_input is None and size is not None:
-            p = next(model.parameters())
-            example_input = torch.zeros(1, *size, dtype=p.dtype, device=p.device)
         if example_input is not None:
             report.input_size = tuple(example_input.shape[1:])
             report.flops_before = count_flops(model, example_input)

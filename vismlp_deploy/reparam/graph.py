@@ -1,0 +1,190 @@
+"""Generic, exact re-parameterization of models this package did not define.
+
+``fold_graph(model, example_input)`` traces the model with torch.fx (submodules that do not
+trace become opaque leaves and are folded inside separately), then applies the rules of
+:mod:`graph_rules` to a fixed point:
+
+- Conv/Linear → BatchNorm, and BatchNorm → Conv/Linear (no zero padding meets the shift);
+- per-channel affine ops written with parameters (``alpha * x + beta``, ``addcmul``,
+  layer-scale ``ls * x``) into the adjacent Linear/Conv on the axis it mixes, also through
+  views, permutes, einops rearranges, means and average pools over the other axes;
+- LayerNorm / GroupNorm affines into the following Linear / Conv;
+- identical parallel Linear/Conv branches on the same input that are summed.
+
+Every fold checks data-flow adjacency, single use of every removed intermediate, that the
+rewritten module is called once and owns its parameters, and which axis each op acts on —
+the checks whose absence makes ``torch.ao.quantization.fuse_modules``, ``torch.fx``'s
+``fuse`` and ``fuse_linear_bn_eval`` silently wrong. The result is verified numerically
+against the input model (float32 and, where the model runs in it, float64) before it is
+returned; a mismatch raises :class:`VerificationError`.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import UserError, VerificationError
+from .graph_affine import AffineOp, affine_of
+from .graph_rules import GraphCtx, fold_after, fold_before, merge_parallel
+from .graph_trace import RootNotTraceable, annotate, capture_inputs, placeholder_values, trace_with_leaves
+from .report import Left, ReparamReport
+
+FP64_RTOL = 1e-10
+_FP64_MAX_PARAMS = 50_000_000  # above this the float64 copy costs more than it is worth
+
+
+def fold_graph(
+    model: nn.Module,
+    example_input: Tensor,
+    *,
+    rtol: float = 1e-5,
+    report: ReparamReport | None = None,
+) -> tuple[nn.Module, ReparamReport]:
+    """A folded, verified copy of ``model`` (never mutated) and the report it filled.
+
+    ``example_input`` (e.g. (N, C, H, W)) fixes the rank of every tensor, hence its channel
+    axes; the folds themselves do not depend on its size. ``report.folded``/``folded_paths``
+    get one entry per fold, ``report.left`` one per affine/norm left and per submodule that
+    could not be traced. Raises :class:`VerificationError` if the folded model's output
+    differs from ``model``'s by more than ``rtol`` relative (``max|Δ| / max|ref|``).
+    """
+    if model.training:
+        raise UserError("model is in training mode; call model.eval() before folding")
+    report = ReparamReport() if report is None else report
+    work = copy.deepcopy(model)
+    with torch.no_grad():
+        folded = _fold_module(work, (example_input,), {}, "", report)
+    folded.eval()
+    verify_equal(model, folded, example_input, rtol)
+    _verify_fp64(model, example_input)
+    return folded, report
+
+
+def _fold_module(mod: nn.Module, args: tuple, kwargs: dict, prefix: str, report: ReparamReport) -> nn.Module:
+    """Fold inside ``mod`` (called with ``args``/``kwargs``); returns its replacement."""
+    if not any(True for _ in mod.children()) and type(mod).__module__.startswith("torch.nn"):
+        return mod  # a plain torch layer: nothing inside to fold
+    try:
+        graph, failed = trace_with_leaves(mod)
+    except RootNotTraceable as e:
+        report.left.append(Left(prefix.rstrip(".") or "<model>", type(mod).__name__,
+                                f"forward not traceable by torch.fx ({e}); its submodules are folded separately"))
+        _fold_children(mod, dict(mod.named_children()), args, kwargs, prefix, report)
+        return mod
+    for path, reason in failed.items():
+        report.left.append(Left(prefix + path, type(mod.get_submodule(path)).__name__,
+                                f"not traceable by torch.fx ({reason}); folded inside separately"))
+    _fold_children(mod, {p: mod.get_submodule(p) for p in failed}, args, kwargs, prefix, report)
+    gm = fx.GraphModule(mod, graph)
+    annotate(gm, placeholder_values(mod, args, kwargs))
+    ctx = GraphCtx(gm, prefix)
+    reasons = _fold_to_fixed_point(ctx)
+    for path, kind in ctx.folded:
+        report.folded[kind] += 1
+        report.folded_paths.append((path, kind))
+    for node in gm.graph.nodes:  # what is still there, with the reason every rule gave
+        op = affine_of(node, gm, prefix) if node in reasons else None
+        if isinstance(op, AffineOp):
+            report.left.append(Left(op.path, op.kind, reasons[node]))
+        elif isinstance(op, str):
+            what = node.target if node.op == "call_module" else node.name
+            report.left.append(Left(prefix + what, _op_name(node, gm), reasons[node]))
+    gm.graph.lint()
+    out = fx.GraphModule(gm, gm.graph, class_name=type(mod).__name__)
+    for k, v in vars(mod).items():  # user attributes (input_size, arch, config, ...)
+        if not k.startswith("_") and k != "training" and not hasattr(out, k):
+            setattr(out, k, v)
+    return out
+
+
+def _fold_children(mod: nn.Module, children: dict[str, nn.Module], args, kwargs, prefix, report) -> None:
+    """Fold inside each of ``children`` (opaque to the parent's trace) on its captured inputs."""
+    inputs = capture_inputs(mod, list(children), args, kwargs)
+    for path, child in children.items():
+        got = inputs[path]
+        if isinstance(got, str):
+            report.left.append(Left(prefix + path, type(child).__name__, f"not folded: {got}"))
+            continue
+        new = _fold_module(child, *got, prefix + path + ".", report)
+        if new is not child:
+            parent, _, name = path.rpartition(".")
+            setattr(mod.get_submodule(parent), name, new)
+
+
+def _fold_to_fixed_point(ctx: GraphCtx) -> dict[fx.Node, str]:
+    """Apply the rules until none applies; returns {affine-like node: why no rule applied}."""
+    reasons: dict[fx.Node, str] = {}
+    changed = True
+    while changed:
+        changed = False
+        for node in list(ctx.gm.graph.nodes):
+            if node._erased or not node.users:
+                continue  # dead (the output node has no users either: nothing to fold there)
+            if merge_parallel(ctx, node):
+                changed = True
+                continue
+            op = affine_of(node, ctx.gm, ctx.prefix)
+            if isinstance(op, str):
+                reasons[node] = op
+            elif op is not None:
+                after = fold_after(ctx, op)
+                before = fold_before(ctx, op) if after else None
+                if after is None or before is None:
+                    changed = True
+                else:
+                    reasons[node] = f"after a Linear/Conv: {after}; before a Linear/Conv: {before}"
+    return reasons
+
+
+def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)).__name__
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def verify_equal(ref: nn.Module | Any, new: nn.Module, x: Tensor, rtol: float) -> None:
+    """Raise :class:`VerificationError` unless ``new(x)`` matches ``ref(x)`` within ``rtol``.
+
+    ``ref`` is the reference model or its output on ``x``, already computed.
+    """
+    with torch.no_grad():
+        err = _rel_err(new(x), ref(x) if isinstance(ref, nn.Module) else ref)
+    if not err <= rtol:
+        raise VerificationError(f"graph folding changed the output: relative error {err:.3e} > {rtol:.0e}")
+
+
+def _verify_fp64(model: nn.Module, x: Tensor) -> None:
+    """Fold a float64 copy the same way and check it to 1e-10: float32 rounding hides
+    small inexact folds (e.g. a mis-applied eps) that float64 exposes."""
+    if sum(p.numel() for p in model.parameters()) > _FP64_MAX_PARAMS or not x.is_floating_point():
+        return
+    ref64, x64 = copy.deepcopy(model).double(), x.double()
+    try:
+        with torch.no_grad():
+            y64 = ref64(x64)
+    except RuntimeError:  # the model hard-codes float32 somewhere: the float32 check stands
+        return
+    with torch.no_grad():
+        new64 = _fold_module(ref64, (x64,), {}, "", ReparamReport())  # ref64 is a private copy
+    verify_equal(y64, new64, x64, FP64_RTOL)
+
+
+def _rel_err(y, ref) -> float:
+    ys, _ = tree_flatten(y)
+    refs, _ = tree_flatten(ref)
+    if len(ys) != len(refs):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(ys, refs):
+        if not isinstance(b, Tensor):
+            continue
+        if a.shape != b.shape:
+            return float("inf")
+        a, b = a.double(), b.double()
+        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)) if b.numel() else 0.0)
+    return worst

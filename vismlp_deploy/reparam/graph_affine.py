@@ -1,0 +1,187 @@
+"""Recognise per-channel affine nodes in an fx graph: ``y = s * x + t`` along one axis.
+
+Sources: eval-mode BatchNorm (axis 1), LayerNorm((C,)) / GroupNorm affines (last axis /
+axis 1, folded by stripping the affine from the norm), and elementwise ops with a
+constant operand: ``x * p``, ``x + p``, ``x - p``, ``p - x``, ``x / p``,
+``torch.addcmul(p0, p1, x)`` (ResMLP's Affine), and ``torch.addcmul(r, p, x)`` = ``r + p*x``
+(a layer-scaled residual: only the ``p*x`` part is an affine of ``x``).
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from ..errors import NotExactError
+from . import transforms as T
+from .graph_axes import Axis, per_channel
+
+
+@dataclass
+class AffineOp:
+    """One per-channel affine node. ``data`` is None when the affine is inside a norm module."""
+
+    node: fx.Node
+    data: fx.Node | None
+    scale: Tensor | None
+    shift: Tensor | None
+    axis: Axis
+    kind: str
+    path: str
+    strip: Callable[[], None] | None = None  # removes the affine from a norm module
+    residual: fx.Node | None = None  # addcmul(r, p, x): the node becomes r + x after the fold
+
+
+_MUL = ({operator.mul, torch.mul}, "mul")
+_ADD = ({operator.add, torch.add}, "add")
+_SUB = ({operator.sub, torch.sub}, "sub")
+_DIV = ({operator.truediv, torch.div}, "div")
+
+
+def _is(node: fx.Node, spec) -> bool:
+    funcs, method = spec
+    return (node.op == "call_function" and node.target in funcs) or (node.op == "call_method" and node.target == method)
+
+
+def _const(arg, like: fx.Node) -> Tensor | None:
+    """Constant value of an argument (constant node or Python number), else None."""
+    if isinstance(arg, fx.Node):
+        return arg.meta.get("const")
+    if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+        return torch.tensor(float(arg), dtype=torch.float64)
+    return None
+
+
+def _attr_path(arg, prefix: str) -> list[str]:
+    """The parameter/buffer names a constant argument is computed from."""
+    if not isinstance(arg, fx.Node):
+        return []
+    if arg.op == "get_attr":
+        return [prefix + arg.target]
+    return [p for a in arg.all_input_nodes for p in _attr_path(a, prefix)]
+
+
+def affine_of(node: fx.Node, gm: fx.GraphModule, prefix: str) -> AffineOp | str | None:
+    """The per-channel affine ``node`` computes; a reason string if it is an affine-like op
+    that is not per-channel along one axis; None if it is not a candidate at all."""
+    if "shape" not in node.meta or node.meta.get("const") is not None:
+        return None
+    if node.op == "call_module":
+        return _norm_affine(node, gm.get_submodule(node.target), prefix)
+    if node.op not in ("call_function", "call_method"):
+        return None
+    args, kw = list(node.args), dict(node.kwargs)
+    if node.target in (torch.addcmul, "addcmul"):
+        return _addcmul(node, args, kw, prefix)
+    for spec in (_MUL, _ADD, _SUB, _DIV):
+        if _is(node, spec):
+            break
+    else:
+        return None
+    if len(args) != 2:
+        return None
+    extra = {k: v for k, v in kw.items() if not (k == "alpha" and spec is not _MUL and spec is not _DIV)}
+    if extra:
+        return "op with extra arguments " + ", ".join(extra)
+    a, b = args
+    ca, cb = _const(a, node), _const(b, node)
+    if (ca is None) == (cb is None):
+        return None  # tensor-tensor or constant-constant: not an affine of one tensor
+    data, c, data_first = (a, cb, True) if ca is None else (b, ca, False)
+    if not isinstance(data, fx.Node):
+        return None
+    alpha = float(kw.get("alpha", 1.0))
+    one = torch.tensor(1.0, dtype=torch.float64)
+    if spec is _MUL:
+        scale, shift = c, None
+    elif spec is _ADD:
+        scale, shift = None, c * alpha
+    elif spec is _SUB:
+        scale, shift = (None, -c * alpha) if data_first else (-one * alpha, c)
+    else:
+        if not data_first or kw.get("rounding_mode") is not None:
+            return None
+        scale, shift = 1.0 / c.double(), None
+    path = ",".join(_attr_path(b if data_first else a, prefix)) or node.name
+    return _build(node, data, scale, shift, spec[1], path)
+
+
+def _addcmul(node: fx.Node, args: list, kw: dict, prefix: str) -> AffineOp | str | None:
+    """``addcmul(input, t1, t2, value=v) = input + v * t1 * t2`` with exactly one data factor."""
+    if len(args) != 3 or set(kw) - {"value"}:
+        return None
+    inp, t1, t2 = args
+    v = float(kw.get("value", 1.0))
+    c1, c2 = _const(t1, node), _const(t2, node)
+    if (c1 is None) == (c2 is None):
+        return None
+    data, c, carg = (t2, c1, t1) if c2 is None else (t1, c2, t2)
+    if not isinstance(data, fx.Node):
+        return None
+    path = ",".join(_attr_path(carg, prefix)) or node.name
+    cin = _const(inp, node)
+    if cin is not None:  # beta + alpha * x: a full affine of x
+        return _build(node, data, c * v, cin, "addcmul", path + "".join("," + p for p in _attr_path(inp, prefix)))
+    if not isinstance(inp, fx.Node) or inp.meta.get("shape") != node.meta["shape"]:
+        return None
+    op = _build(node, data, c * v, None, "addcmul", path)
+    if isinstance(op, AffineOp):
+        op.residual = inp
+    return op
+
+
+def _build(node, data, scale, shift, kind, path) -> AffineOp | str:
+    shape, dtype = data.meta.get("shape"), data.meta.get("dtype")
+    if shape is None or node.meta["shape"] != shape:
+        return "the op broadcasts its input to a new shape"
+    if node.meta["dtype"] != dtype or not dtype.is_floating_point:
+        return f"the op changes the dtype {dtype} -> {node.meta['dtype']}"
+    axis = None
+    vecs = []
+    for c in (scale, shift):
+        if c is None:
+            vecs.append(None)
+            continue
+        pc = per_channel(c, shape)
+        if isinstance(pc, str):
+            return pc
+        ax, vec = pc
+        if ax is not None and axis is not None and ax != axis:
+            return f"scale and shift act on different axes ({axis}, {ax})"
+        axis = ax if ax is not None else axis
+        vecs.append(vec)
+    return AffineOp(node, data, vecs[0], vecs[1], axis, kind, path)
+
+
+def _norm_affine(node: fx.Node, mod: nn.Module, prefix: str) -> AffineOp | str | None:
+    path = prefix + node.target
+    data = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+    shape = data.meta.get("shape") if data is not None else None
+    if data is None or shape is None or len(node.args) != 1 or node.kwargs:
+        return None
+    kind = type(mod).__name__
+    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        if mod.training:
+            return "BatchNorm in training mode"
+        if len(shape) < 2:
+            return "BatchNorm on an unbatched tensor"
+        try:
+            s, t = T.bn_scale_shift(mod.running_mean, mod.running_var, mod.weight, mod.bias, mod.eps)
+        except NotExactError as e:
+            return str(e)
+        return AffineOp(node, data, s, t, 1, kind, path)
+    if isinstance(mod, nn.LayerNorm) and mod.weight is not None:
+        if len(mod.normalized_shape) != 1:
+            return f"LayerNorm over {len(mod.normalized_shape)} axes: its affine is not per-channel"
+        def strip_ln(mod=mod):
+            mod.weight, mod.bias, mod.elementwise_affine = None, None, False
+        return AffineOp(node, None, mod.weight, mod.bias, len(shape) - 1, kind + ".affine", path, strip_ln)
+    if isinstance(mod, nn.GroupNorm) and mod.weight is not None:
+        def strip_gn(mod=mod):
+            mod.weight, mod.bias, mod.affine = None, None, False
+        return AffineOp(node, None, mod.weight, mod.bias, 1, kind + ".affine", path, strip_gn)
+    return None
