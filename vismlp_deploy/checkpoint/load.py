@@ -1,7 +1,14 @@
-"""checkpoint -> train-time model: ``load_checkpoint(path_or_state_dict, arch, config)``."""
+"""checkpoint -> train-time model: ``load_checkpoint(path_or_state_dict, arch, config)``.
+
+Precedence of what decides the architecture: ``arch``/``config`` given by the caller, then
+the file's own ``vismlp_deploy`` metadata, then detection from keys and shapes. A partial
+``config`` overrides only the arguments it names (e.g. ``{"act_layer": "ReLU"}``, which
+no weight can tell); the rest still comes from the file.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
 import torch
@@ -9,8 +16,32 @@ from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..models.registry import CheckpointFormat, get_format
-from .io import read_checkpoint
-from .detect import detect_format
+from .detect import Detection, describe_mismatch, detect_format, finish, preview
+from .io import Checkpoint, read_checkpoint
+
+
+@dataclass
+class LoadInfo:
+    """What ``load_checkpoint`` used and found out; ``model.checkpoint_info``."""
+
+    weights: str  # entry of the file that was used: "state_dict", "model", "model_ema", …
+    container: str  # "torch zip", "safetensors", "in-memory", …
+    stripped: list[str]  # key prefixes removed ("module.")
+    format: str
+    label: str  # "resmlp_12 (timm-resmlp)"
+    named: str | None
+    how: str
+    confidence: str
+    config_source: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line: what was loaded and how sure the detection is."""
+        strip = f", prefix {'+'.join(self.stripped)} removed" if self.stripped else ""
+        return f"{self.label} — {self.confidence} confidence; weights: {self.weights} ({self.container}{strip})"
 
 
 def load_checkpoint(
@@ -23,53 +54,98 @@ def load_checkpoint(
 ) -> nn.Module:
     """The train-time model of a checkpoint, in eval mode, float32.
 
-    source: a path (.pth/.pt/.safetensors) or an in-memory state_dict (or wrapping dict).
-    arch: a format name (``vismlp-deploy zoo`` lists them), detected from keys if None.
-    config: the upstream constructor arguments, inferred from shapes if None.
-    The returned model carries ``arch``, ``config`` and ``input_size`` attributes.
+    source: a path (.pth/.pt/.bin/.safetensors) or an in-memory state_dict (or wrapping dict).
+    arch: a format name (``vismlp-deploy zoo`` lists them); detected from keys if None.
+    config: upstream constructor arguments; inferred from shapes if None, merged over the
+        inferred ones if partial.
+    ema: use the EMA weights of a training checkpoint. trust_pickle: allow code execution.
+    The model carries ``arch``, ``config``, ``input_size``, ``checkpoint_info`` (LoadInfo)
+    and ``config_notes`` (what the weights could not tell).
     """
     ckpt = read_checkpoint(source, ema=ema, trust_pickle=trust_pickle)
-    state_dict = ckpt.state_dict
-    arch = arch or ckpt.arch
-    config = config if config is not None else ckpt.config
+    if ckpt.meta and ckpt.meta.get("form") == "deploy":
+        raise CheckpointError("this is a deploy model written by `vismlp-deploy convert`: it is already "
+                              "re-parameterized (load it with vismlp_deploy.export.torch_artifact.load_deploy)")
+    det = resolve(ckpt, arch, config)
+    model = build_and_load(det.format, det.config, ckpt.state_dict, notes=det.notes)
+    family_notes = [n for n in getattr(model, "config_notes", []) if n not in det.notes and not config]
+    notes = ckpt.notes + det.notes + family_notes
+    confidence = "medium" if family_notes and det.confidence == "high" else det.confidence
+    model.config_notes = notes
+    model.checkpoint_info = LoadInfo(
+        weights=ckpt.source, container=ckpt.container, stripped=ckpt.stripped, format=det.format.name,
+        label=det.label(), named=det.named, how=det.how, confidence=confidence,
+        config_source=_config_source(ckpt, config), notes=notes)
+    return model
+
+
+def resolve(ckpt: Checkpoint, arch: str | None, config: dict | None) -> Detection:
+    """Format and config of ``ckpt``: given, stored in its metadata, or detected."""
+    sd = ckpt.state_dict
+    if arch is None and ckpt.arch:
+        fmt = get_format(ckpt.arch)
+        det = Detection(fmt, {**(ckpt.config or {}), **(config or {})}, "stored in the file's vismlp_deploy metadata",
+                        "certain", named=(ckpt.meta or {}).get("named_config"))
+        return det
     if arch is None:
-        fmt = detect_format(state_dict).format
+        det = detect_format(sd)
     else:
         fmt = get_format(arch)
-    if config is None:
-        config = fmt.infer_config(state_dict)
-    return build_and_load(fmt, config, state_dict)
+        try:
+            inferred = fmt.infer_config(sd)
+        except (CheckpointError, KeyError, IndexError, ValueError, TypeError, AttributeError) as e:
+            if not config:
+                raise CheckpointError(f"cannot infer the {fmt.name} config from this checkpoint ({e}); "
+                                      "pass --config with the constructor arguments") from None
+            return Detection(fmt, dict(config), "format given with --arch, config given with --config", "certain")
+        det = finish(fmt, inferred, sd, "format given with --arch; config from tensor shapes", verified=True)
+    if config:
+        det.config.update(config)
+        det.notes = [n for n in det.notes if n.split("=", 1)[0] not in config]
+        det.how += f"; {', '.join(config)} given with --config"
+        if arch is not None and not det.notes:
+            det.confidence = "certain"
+    return det
 
 
-def build_and_load(fmt: CheckpointFormat, config: dict, state_dict: Mapping[str, Tensor]) -> nn.Module:
-    """Build ``fmt`` with ``config`` and load ``state_dict`` strictly, with readable errors."""
+def build_and_load(fmt: CheckpointFormat, config: dict, state_dict: Mapping[str, Tensor],
+                   notes: list[str] | None = None) -> nn.Module:
+    """Build ``fmt`` with ``config`` and load ``state_dict`` strictly, with readable errors.
+
+    Every key must be present and used and every shape must match (the message lists the
+    keys); NaN/Inf weights are refused. Only a missing BatchNorm ``num_batches_tracked``
+    counter is filled (with 0, recorded in ``notes``): it plays no part in eval mode.
+    """
     try:
         model = fmt.build(dict(config))
-    except (TypeError, ValueError, AssertionError) as e:
-        raise CheckpointError(f"cannot build {fmt.name} with config {config}: {e}") from None
-    mapped = fmt.to_model_keys(state_dict)
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"cannot build {fmt.name} with config {config}: {type(e).__name__}: {e}") from None
+    try:
+        mapped = dict(fmt.to_model_keys(state_dict))
+    except (KeyError, ValueError, IndexError, TypeError) as e:
+        raise CheckpointError(f"the checkpoint keys do not follow the {fmt.name} layout ({type(e).__name__}: {e})") from None
     expected = model.state_dict()
-    missing = [k for k in expected if k not in mapped]
-    unexpected = [k for k in mapped if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {_preview(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
-        raise CheckpointError(f"checkpoint does not fit {fmt.name} {config}: " + "; ".join(parts))
-    for k, v in expected.items():
-        got = mapped[k]
-        if tuple(got.shape) != tuple(v.shape):
-            raise CheckpointError(f"shape mismatch at {k}: model expects {tuple(v.shape)}, checkpoint has {tuple(got.shape)}")
-        if got.is_floating_point() and not torch.isfinite(got).all():
-            raise CheckpointError(f"checkpoint tensor {k} contains NaN or Inf")
+    problem = describe_mismatch({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in mapped.items()})
+    if problem:
+        raise CheckpointError(f"checkpoint does not fit {fmt.name} {config}: {problem}")
+    filled = [k for k in expected if k not in mapped]  # only num_batches_tracked survive describe_mismatch
+    for k in filled:
+        mapped[k] = torch.zeros_like(expected[k])
+    if filled and notes is not None:
+        notes.append(f"{len(filled)} BatchNorm num_batches_tracked counters missing; set to 0 (unused in eval mode)")
+    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in mapped.items()
+           if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"checkpoint has NaN/Inf weights in {len(bad)} tensors: {preview(bad, 4)}")
     model.load_state_dict(mapped, strict=True)
     model.arch, model.config = fmt.name, dict(config)
     model.input_size = tuple(fmt.input_size(config))
     return model.float().eval()
 
 
-def _preview(keys: list[str], n: int = 6) -> str:
-    more = f", … (+{len(keys) - n})" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
+def _config_source(ckpt: Checkpoint, config: dict | None) -> str:
+    if config:
+        return "given with --config" + (" (merged over the inferred config)" if not ckpt.config else "")
+    if ckpt.config is not None and ckpt.arch:
+        return "stored in the file's vismlp_deploy metadata"
+    return "inferred from tensor shapes"

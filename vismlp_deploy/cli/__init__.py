@@ -11,6 +11,8 @@ import sys
 
 from .. import __version__
 from ..errors import UserError, VerificationError
+from rich.markup import escape
+
 from .common import console
 
 # subcommand module -> one line of help; each module has add_arguments(parser) and run(args) -> int
@@ -18,18 +20,20 @@ COMMANDS = {
     "zoo": "list supported formats and named configs; --init writes a random checkpoint",
     "inspect": "show the detected architecture, config and what will be folded",
     "convert": "re-parameterize a checkpoint and export it (pt, onnx, trt) with an equivalence proof",
+    "verify": "compare train form, deploy form, ONNX Runtime and TensorRT on random and real images",
+    "bench": "images/s and latency per backend x form x batch x precision, against a measured GEMM peak",
 }
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors: exit 2, one line
         self.print_usage(sys.stderr)
-        console.print(f"[red]error:[/red] {message}")
+        console.print(f"[red]error:[/red] {escape(message)}")
         sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="vismlp-deploy", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="vismlp-deploy", description="Exact re-parameterization and deployment of vision-MLP networks.")
     parser.add_argument("--version", action="version", version=f"vismlp-deploy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text in COMMANDS.items():
@@ -48,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, FileExistsError) as e:
         if args.debug:
             raise
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
     except VerificationError as e:
         if args.debug:
             raise
-        console.print(f"[red]verification failed:[/red] {e}")
+        console.print(f"[red]verification failed:[/red] {escape(str(e))}")
         return 1
     except KeyboardInterrupt:
         console.print("interrupted")

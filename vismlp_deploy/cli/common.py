@@ -14,7 +14,8 @@ from rich.console import Console
 from ..errors import UserError
 
 # Human output goes to stderr so that `--json` stdout stays one clean document.
-console = Console(stderr=True, highlight=False)
+# soft_wrap: an error stays one line however long (scripts and tests read it as one line).
+console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def print_json(doc: Any) -> None:

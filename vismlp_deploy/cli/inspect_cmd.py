@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import argparse
 
+from rich.markup import escape
 from rich.table import Table
 
-from ..checkpoint.detect import detect_format
-from ..checkpoint.io import read_checkpoint
 from ..reparam import reparameterize
-from .common import console, print_json, parse_json_arg
+from .common import console, print_json
 from .load_args import add_checkpoint_arguments, load_from_args
 
 
@@ -18,32 +17,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with console.status("reading checkpoint"):
-        ckpt = read_checkpoint(args.checkpoint, ema=args.ema, trust_pickle=args.trust_pickle)
-        if args.arch:
-            how = "given with --arch"
-        elif ckpt.arch:
-            how = "stored in the checkpoint's vismlp_deploy metadata"
-        else:
-            how = detect_format(ckpt.state_dict).how
-        config_how = "given with --config" if args.config else ("stored in metadata" if ckpt.config else "inferred from tensor shapes")
-    with console.status("building model and planning the re-parameterization"):
-        model = load_from_args(args)
+    with console.status("reading checkpoint, detecting, planning the re-parameterization"):
+        model = load_from_args(args, announce=False)
         deploy = reparameterize(model)
+    info = model.checkpoint_info
     report = deploy.reparam_report
-    doc = {"checkpoint": str(args.checkpoint), "weights": ckpt.source, "arch": model.arch, "arch_detection": how,
-           "config": model.config, "config_source": config_how, "input_size": list(model.input_size),
-           "report": report.to_dict()}
-    if parse_json_arg(args.config, "--config") is None and hasattr(model, "config_notes"):
-        doc["notes"] = model.config_notes
+    doc = {"checkpoint": str(args.checkpoint), "weights": info.weights, "container": info.container,
+           "stripped_prefixes": info.stripped, "arch": model.arch, "named_config": info.named,
+           "detected_as": info.label, "confidence": info.confidence, "arch_detection": info.how,
+           "config": model.config, "config_source": info.config_source, "notes": info.notes,
+           "input_size": list(model.input_size), "report": report.to_dict()}
     if args.json:
         print_json(doc)
         return 0
-    console.print(f"[bold]{args.checkpoint}[/bold] ({ckpt.source})")
-    console.print(f"architecture: [bold]{model.arch}[/bold] — {how}")
-    console.print(f"config ({config_how}): {model.config}")
-    for note in doc.get("notes", []):
-        console.print(f"[yellow]note:[/yellow] {note}")
+    strip = f", prefix {'+'.join(info.stripped)} removed" if info.stripped else ""
+    console.print(f"[bold]{args.checkpoint}[/bold] ({info.container}; weights: {info.weights}{strip})")
+    console.print(f"detected as [bold]{info.label}[/bold] — confidence {info.confidence}")
+    console.print(f"how: {info.how}", markup=False)
+    console.print(f"config ({info.config_source}): {model.config}", markup=False)
+    for note in info.notes:
+        console.print(f"[yellow]note:[/yellow] {escape(note)}")
     console.print(f"input size: {'x'.join(map(str, model.input_size))}")
     _print_report(report)
     return 0

@@ -30,6 +30,9 @@ class CheckpointFormat:
     infer_config: state_dict -> constructor arguments (raises CheckpointError if it cannot).
     input_size: constructor arguments -> (C, H, W) the model expects.
     description: one line for ``zoo``.
+    assumptions: optional; constructor arguments -> {argument: why} for the arguments the
+        weights cannot determine (an activation, a default), so that detection can say so
+        and lower its confidence. None: every argument of ``infer_config`` is read from shapes.
     """
 
     name: str
@@ -40,6 +43,7 @@ class CheckpointFormat:
     infer_config: Callable[[StateDict], dict]
     input_size: Callable[[dict], tuple[int, int, int]]
     description: str = ""
+    assumptions: Callable[[dict], dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
