@@ -239,9 +239,7 @@ def _build(config: dict, *, official: bool) -> ConvMixer:
         if cfg.pop("global_pool", "avg") != "avg":
             raise ValueError("only global_pool='avg' is supported")
         cfg.pop("drop_rate", None)  # dropout: identity at inference
-    model = ConvMixer(in_chans=in_chans, num_classes=num_classes, **cfg)
-    model.config_notes = [activation_note(config)]
-    return model
+    return ConvMixer(in_chans=in_chans, num_classes=num_classes, **cfg)
 
 
 def _official_to_model(sd: StateDict) -> dict[str, Tensor]:
@@ -301,14 +299,14 @@ register_format(CheckpointFormat(
     name="official-convmixer", family="convmixer",
     build=lambda c: _build(c, official=True), to_model_keys=_official_to_model,
     matches=_official_matches, infer_config=lambda sd: _infer(sd, official=True),
-    input_size=lambda c: (3, 224, 224),
+    input_size=lambda c: (3, 224, 224), assumptions=lambda c: {"act_layer": activation_note(c)},
     description="ConvMixer, locuslab flat nn.Sequential (index keys); act_layer extends the GELU-only original",
 ))
 register_format(CheckpointFormat(
     name="timm-convmixer", family="convmixer",
     build=lambda c: _build(c, official=False), to_model_keys=dict,
     matches=_timm_matches, infer_config=lambda sd: _infer(sd, official=False),
-    input_size=lambda c: (c.get("in_chans", 3), 224, 224),
+    input_size=lambda c: (c.get("in_chans", 3), 224, 224), assumptions=lambda c: {"act_layer": activation_note(c)},
     description="ConvMixer, timm keys (stem / blocks / head)",
 ))
 register_config("convmixer_768_32", "timm-convmixer", "ConvMixer-768/32, k7 p7, ReLU (21.1M)",
