@@ -114,6 +114,9 @@ def reparameterize(
 
             deploy, _ = fold_graph(deploy, example_input, report=report)
     deploy.eval()
+    for attr in ("arch", "config", "input_size"):  # a block may have replaced the root module
+        if hasattr(model, attr) and not hasattr(deploy, attr):
+            setattr(deploy, attr, getattr(model, attr))
     _report_remaining_norms(deploy, report)
     report.params_before, report.params_after = count_params(model), count_params(deploy)
     if count:

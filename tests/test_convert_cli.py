@@ -1,0 +1,96 @@
+"""``convert --to pt|onnx|trt``: staged proofs, exit codes, artifacts left behind."""
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from helpers import assert_close
+from test_export_onnx import Toy
+from vismlp_deploy.cli import main
+from vismlp_deploy.models.init import randomize_
+from vismlp_deploy.models.registry import CheckpointFormat, FORMATS
+from vismlp_deploy.runtime.ort_runner import OrtRunner
+
+ARCH = "test-convert-toy"
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    """A checkpoint of the hand-made model under a temporarily registered format."""
+    FORMATS[ARCH] = CheckpointFormat(
+        name=ARCH, family="toy", build=lambda cfg: Toy(**cfg), to_model_keys=dict,
+        matches=lambda sd: "mlp1.norm.alpha" in sd, infer_config=lambda sd: {"dim": sd["stem.conv.weight"].shape[0]},
+        input_size=lambda cfg: (3, 16, 16), description="test model")
+    path = tmp_path / "toy.pth"
+    torch.save(randomize_(Toy(), seed=3).state_dict(), path)
+    yield path
+    del FORMATS[ARCH]
+
+
+def _convert(capsys, *argv) -> tuple[int, dict | None, str]:
+    code = main(["convert", *map(str, argv), "--arch", ARCH, "--json"])
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if out.strip() else None), err
+
+
+def _stage_rows(doc: dict) -> list[str]:
+    for row in doc["proof"]:
+        assert {"max_abs", "rel", "cosine", "top1", "tolerance", "passed"} <= set(row)
+    return [row["stage"] for row in doc["proof"]]
+
+
+def test_to_onnx_proves_every_stage(ckpt, capsys):
+    code, doc, _ = _convert(capsys, ckpt, "--to", "onnx")
+    assert code == 0 and doc["passed"]
+    assert _stage_rows(doc) == ["deploy (torch fp32)", "onnxruntime (cpu fp32)"]
+    assert all(r["rel"] <= 1e-5 and r["top1"] == 1.0 for r in doc["proof"])
+    path = ckpt.with_name("toy.onnx")
+    assert doc["artifacts"] == {"onnx": str(path)} and doc["onnx"]["simplified"]
+    onnx.checker.check_model(str(path))
+    train = randomize_(Toy(), seed=3).eval()
+    for b in (1, 7):
+        x = torch.randn(b, 3, 16, 16)
+        with torch.no_grad():
+            assert_close(OrtRunner(path).run(x), train(x))
+
+
+def test_to_onnx_static_batch(ckpt, capsys):
+    code, doc, _ = _convert(capsys, ckpt, "--to", "onnx", "--batch", "2", "--out", ckpt.with_name("s.onnx"))
+    assert code == 0 and doc["passed"] and doc["onnx"]["dynamic_batch"] is False
+    assert OrtRunner(ckpt.with_name("s.onnx")).static_batch == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and __import__("importlib").util.find_spec("tensorrt") is not None,
+                    reason="TensorRT and a GPU are present: --to trt builds an engine here")
+def test_to_trt_without_tensorrt_exits_2_and_keeps_the_onnx(ckpt, capsys):
+    code, doc, err = _convert(capsys, ckpt, "--to", "trt", "--dynamic-batch", "1:4:8")
+    assert code == 2
+    assert "pip install tensorrt" in err or "CUDA" in err
+    onnx_path = ckpt.with_name("toy.onnx")
+    assert doc["artifacts"] == {"onnx": str(onnx_path)} and "error" in doc
+    assert _stage_rows(doc) == ["deploy (torch fp32)", "onnxruntime (cpu fp32)"] and doc["passed"]
+    onnx.checker.check_model(str(onnx_path))
+    assert OrtRunner(onnx_path).run(torch.randn(3, 3, 16, 16)).shape == (3, 10)
+    assert not ckpt.with_name("toy.engine").exists()
+
+
+def test_to_pt_still_works_and_outputs_are_not_overwritten(ckpt, capsys):
+    code, doc, _ = _convert(capsys, ckpt, "--to", "pt")
+    assert code == 0 and _stage_rows(doc) == ["deploy (torch fp32)"] and ckpt.with_name("toy.deploy.pt").is_file()
+    code, doc, err = _convert(capsys, ckpt, "--to", "pt")
+    assert code == 2 and doc is None and "--force" in err
+
+
+def test_bad_profile_is_a_usage_error(ckpt, capsys):
+    code, doc, err = _convert(capsys, ckpt, "--to", "onnx", "--dynamic-batch", "8:1:2")
+    assert code == 2 and doc is None and "MIN <= OPT <= MAX" in err
+    assert not ckpt.with_name("toy.onnx").exists()
+
+
+def test_human_output_prints_the_proof_table(ckpt, capsys):
+    assert main(["convert", str(ckpt), "--arch", ARCH, "--to", "onnx"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "onnxruntime" in err and "FAIL" not in err and "pass" in err and "dynamo exporter" in err

@@ -1,0 +1,81 @@
+"""ONNX Runtime runner: CPU, and the CUDA / TensorRT execution providers when installed."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from .base import Runner
+
+# provider short name -> ONNX Runtime execution providers, in priority order (CPU last as the
+# fallback for nodes a GPU provider does not take)
+PROVIDERS = {
+    "cpu": ["CPUExecutionProvider"],
+    "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+    "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
+}
+_ORT_DTYPES = {"tensor(float)": ("fp32", np.float32), "tensor(float16)": ("fp16", np.float16),
+               "tensor(double)": ("fp64", np.float64)}
+
+
+def available_providers() -> list[str]:
+    """Short names of the providers this onnxruntime build offers (``cpu`` always)."""
+    import onnxruntime as ort
+
+    have = set(ort.get_available_providers())
+    return [k for k, v in PROVIDERS.items() if v[0] in have]
+
+
+class OrtRunner(Runner):
+    """An ``.onnx`` file in an ``onnxruntime.InferenceSession``.
+
+    provider: ``cpu``, ``cuda`` or ``tensorrt`` (see :func:`available_providers`).
+    A static-batch model runs larger batches in chunks of its batch (last chunk padded).
+    """
+
+    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None, name: str | None = None):
+        import onnxruntime as ort
+
+        if provider not in PROVIDERS:
+            raise UserError(f"unknown ONNX Runtime provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
+        if provider not in available_providers():
+            raise UserError(f"ONNX Runtime provider {provider!r} is not available in this onnxruntime build "
+                            f"(available: {', '.join(available_providers())}); for GPU providers install onnxruntime-gpu")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
+        (inp,), (out, *_) = self.session.get_inputs(), self.session.get_outputs()
+        self.input_name, self.output_name = inp.name, out.name
+        self.precision, self._np_dtype = _ORT_DTYPES.get(inp.type, ("fp32", np.float32))
+        self.static_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+        self.provider = provider
+        self.device = "cpu" if provider == "cpu" else "cuda"
+        self.name = name or f"onnxruntime-{provider}"
+
+    def prepare(self, batch: Tensor) -> np.ndarray:
+        return batch.detach().cpu().numpy().astype(self._np_dtype, copy=False)
+
+    def run_native(self, batch: np.ndarray) -> np.ndarray:
+        b = self.static_batch
+        if b is None or batch.shape[0] == b:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        outs = []
+        for i in range(0, batch.shape[0], b):
+            chunk = batch[i:i + b]
+            n = chunk.shape[0]
+            if n < b:  # pad the last chunk to the static batch, then drop the padding
+                chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
+            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:n])
+        return np.concatenate(outs)
+
+    def run(self, batch: Tensor) -> Tensor:
+        return torch.from_numpy(np.asarray(self.run_native(self.prepare(batch)), dtype=np.float32))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "provider": self.provider, "static_batch": self.static_batch,
+                "providers": self.session.get_providers()}
