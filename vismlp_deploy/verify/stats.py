@@ -27,8 +27,13 @@ class Stats:
     def passed(self, tol: float) -> bool:
         return self.rel <= tol
 
+    @property
+    def min_tolerance(self) -> float:
+        """The smallest tolerance this comparison passes (Polygraphy's "minimum required tolerance")."""
+        return self.rel
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "min_tolerance": self.min_tolerance}
 
 
 def compare(y: Tensor, ref: Tensor) -> Stats:

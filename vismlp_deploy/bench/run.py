@@ -1,0 +1,43 @@
+"""Python API: ``bench(model_or_spec, ...)`` and ``bench_zoo(...)`` -> :class:`BenchResult`."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator
+
+from torch import nn
+
+from ..verify.source import Source, from_named_config, from_train, load_source
+from .sweep import BenchResult, SweepConfig, run_sweep
+
+
+def bench(model: nn.Module | str | Path, *, on_step: Callable[[str, int], None] | None = None,
+          **settings) -> BenchResult:
+    """Benchmark a train-form model (with ``input_size``), a checkpoint/artifact path or a named config.
+
+    ``settings`` are :class:`SweepConfig` fields, e.g. ``backends=("torch", "onnxruntime")``,
+    ``batch_sizes=(1, 8)``, ``precisions=("fp32",)``, ``device="cpu"``, ``repeats=10``.
+    """
+    if isinstance(model, nn.Module):
+        source = from_train(model, getattr(model, "arch", None) or type(model).__name__)
+    else:
+        source = load_source(model)
+    return run_sweep([source], SweepConfig(**settings), 1, on_step)
+
+
+def zoo_names(families: list[str] | None = None) -> list[str]:
+    """Every named config (of the given families), sorted by family then name."""
+    from ..models.registry import CONFIGS, FORMATS, _ensure_loaded
+
+    _ensure_loaded()
+    names = [c.name for c in CONFIGS.values() if not families or FORMATS[c.format].family in families]
+    return sorted(names, key=lambda n: (FORMATS[CONFIGS[n].format].family, n))
+
+
+def bench_zoo(names: list[str], *, seed: int = 0, on_step: Callable[[str, int], None] | None = None,
+              **settings) -> BenchResult:
+    """Sweep the named configs one after the other (each built, measured and freed in turn)."""
+    def sources() -> Iterator[Source]:
+        for name in names:
+            yield from_named_config(name, seed)
+
+    return run_sweep(sources(), SweepConfig(seed=seed, **settings), len(names), on_step)

@@ -1,0 +1,54 @@
+"""The project's speed targets, read off a sweep (reported as measured; nothing is tuned to them)."""
+from __future__ import annotations
+
+from .sweep import BenchResult
+
+# deploy/train images/s on ONNX Runtime CPU, batch 8, fp32 (224 px configs)
+RATIO_TARGETS = {"repmlpnet": 1.3, "convmixer": 1.15, "resmlp": 1.1}
+RATIO_AT = {"backend": "onnxruntime", "batch": 8, "precision": "fp32", "device": "cpu"}
+# FC-dominated deploy models: fraction of the GEMM peak in their best backend at batch 16
+PEAK_MODELS = ("resmlp_12", "mixer_b16", "repmlpnet_t224")
+PEAK_TARGET, PEAK_BATCH = 0.85, 16
+
+
+def _met(ok: bool | None) -> str:
+    return "–" if ok is None else ("met" if ok else "**not met**")
+
+
+def target_lines(result: BenchResult) -> list[str]:
+    """Markdown: one table per target, one row per model, measured value next to the target."""
+    lines = []
+    slower = [r for r in result.ratios if r.deploy_over_train < 1.0]
+    lines += [f"**Deploy never slower than train** (every backend, batch, precision): {len(result.ratios) - len(slower)} "
+              f"of {len(result.ratios)} measured ratios are ≥ 1.0."]
+    if slower:
+        lines += ["", "| model | backend | prec | batch | deploy/train |", "|---|---|---|--:|--:|"]
+        lines += [f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {r.deploy_over_train:.3f} |"
+                  for r in sorted(slower, key=lambda r: r.deploy_over_train)]
+    on_cpu = result.machine.get("device") == "cpu"
+    lines += ["", f"**Deploy/train on ONNX Runtime CPU, batch {RATIO_AT['batch']}, fp32** (224 px configs):", "",
+              "| model | family | deploy/train | target | |", "|---|---|--:|--:|---|"]
+    families = {r.model: r.family for r in result.records}
+    sizes = {r.model: r.input_size[-1] for r in result.records}
+    for r in result.ratios:
+        fam = families.get(r.model)
+        at = (r.backend, r.batch, r.precision) == (RATIO_AT["backend"], RATIO_AT["batch"], RATIO_AT["precision"])
+        if at and on_cpu and fam in RATIO_TARGETS and sizes.get(r.model) == 224:
+            target = RATIO_TARGETS[fam]
+            lines.append(f"| {r.model} | {fam} | {r.deploy_over_train:.2f} | ≥ {target} | {_met(r.deploy_over_train >= target)} |")
+    missing = sorted(set(RATIO_TARGETS) - {families.get(m) for m in families})
+    if missing:
+        lines.append(f"| ({', '.join(missing)}) | | not in this sweep | | – |")
+    lines += ["", f"**Fraction of the GEMM peak, FC-dominated deploy models, best backend, batch {PEAK_BATCH}:**", "",
+              "| model | best backend | deploy GFLOP/s | % of peak | target | |", "|---|---|--:|--:|--:|---|"]
+    for name in PEAK_MODELS:
+        recs = [r for r in result.records if r.model == name and r.form == "deploy" and r.batch == PEAK_BATCH
+                and r.fraction_of_peak is not None]
+        if not recs:
+            lines.append(f"| {name} | not measured | | | ≥ {PEAK_TARGET:.0%} | – |")
+            continue
+        best = max(recs, key=lambda r: r.fraction_of_peak)
+        lines.append(f"| {name} | {best.backend} {best.precision} | {best.gflops_per_sec:.1f} | {best.fraction_of_peak:.0%} "
+                     f"| ≥ {PEAK_TARGET:.0%} | {_met(best.fraction_of_peak >= PEAK_TARGET)} |")
+    return lines
+

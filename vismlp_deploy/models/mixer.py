@@ -1,0 +1,180 @@
+"""MLP-Mixer (Tolstikhin et al. 2021), timm ``MlpMixer`` + ``MixerBlock`` keys (the official code is Flax).
+
+Train block on x (B, N, C), N tokens (row-major), LayerNorm eps 1e-6, exact GELU::
+
+    x = x + Tmlp(LN1(x)^T)^T        Tmlp: Linear(N, t) -> GELU -> Linear(t, N), t = int(r0*C)
+    x = x + Cmlp(LN2(x))            Cmlp: Linear(C, c) -> GELU -> Linear(c, C), c = int(r1*C)
+
+Deploy block (exact)::
+
+    x = x + W2 @ gelu(W1 @ LN1(x) + b1) + b2     token MLP as MatMuls from the left, no transposes
+    x = x + fc2(gelu(fc1'(LN2'(x))))             LN2's gamma/beta -> fc1', LN2' without affine
+
+LN1's affine stays: gamma/beta act per channel while W1 is shared by all channels, so they
+could only move behind W1 as a per-channel scale + (t, C) bias table, which adds work.
+The final LN's gamma/beta enter the head through the token mean.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CheckpointError
+from ..reparam import transforms as T
+from ..reparam.walker import ReparamContext
+from .layers import clone_linear
+from .registry import CheckpointFormat, StateDict, register_config, register_format
+from .resmlp import (ChannelMlp, PatchStem, check_choice, count_blocks, fixed_input_size, fold_head_through_mean,
+                     image_hw, need, square_grid)
+
+LN_EPS = 1e-6
+
+
+def _plain_layernorm(ln: nn.LayerNorm) -> nn.LayerNorm:
+    """The same normalisation without gamma/beta (they have been folded into the next linear)."""
+    return nn.LayerNorm(ln.normalized_shape, ln.eps, elementwise_affine=False)
+
+
+class MixerBlock(nn.Module):
+    """Token-mixing MLP then channel-mixing MLP, each pre-LN and residual."""
+
+    def __init__(self, dim: int, seq_len: int, mlp_ratio: tuple[float, float] = (0.5, 4.0)):
+        super().__init__()
+        tokens_dim, channels_dim = (int(r * dim) for r in mlp_ratio)
+        self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp_tokens = ChannelMlp(seq_len, tokens_dim)
+        self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
+        self.mlp_channels = ChannelMlp(dim, channels_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.mlp_tokens(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.mlp_channels(self.norm2(x))
+
+    def reparameterize(self, ctx: ReparamContext) -> nn.Module:
+        fc1, fc2 = self.mlp_channels.fc1, self.mlp_channels.fc2
+        w1, b1 = T.fold_affine_before(fc1.weight, fc1.bias, self.norm2.weight, self.norm2.bias)
+        ctx.folded("LayerNorm affine->Linear", "norm2")
+        ctx.left("norm1", "LayerNorm affine",
+                 "gamma1/beta1 vary per channel while the token fc1 is shared by all channels: they could "
+                 "only move behind it as a per-channel scale + (t, C) bias table, which adds work; "
+                 "kept inside the LayerNorm (one fused kernel / ONNX LayerNormalization)")
+        return MixerDeployBlock(self.norm1, self.mlp_tokens.fc1, self.mlp_tokens.fc2,
+                                _plain_layernorm(self.norm2), clone_linear(w1, b1), fc2)
+
+
+class MixerDeployBlock(nn.Module):
+    """Token MLP as ``W2 @ gelu(W1 @ x + b1) + b2`` on (B, N, C): broadcast MatMuls, no transposes.
+
+    The token biases are stored as columns ((t, 1), (N, 1)) so they broadcast over channels.
+    """
+
+    def __init__(self, norm1: nn.LayerNorm, tok_fc1: nn.Linear, tok_fc2: nn.Linear,
+                 norm2: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear):
+        super().__init__()
+        self.norm1 = norm1
+        self.token_w1 = nn.Parameter(tok_fc1.weight.detach().clone())  # (t, N)
+        self.token_b1 = nn.Parameter(tok_fc1.bias.detach().reshape(-1, 1).clone())  # (t, 1)
+        self.token_w2 = nn.Parameter(tok_fc2.weight.detach().clone())  # (N, t)
+        self.token_b2 = nn.Parameter(tok_fc2.bias.detach().reshape(-1, 1).clone())  # (N, 1)
+        self.act = nn.GELU()
+        self.norm2, self.fc1, self.fc2 = norm2, fc1, fc2
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.act(torch.matmul(self.token_w1, self.norm1(x)) + self.token_b1)
+        x = x + torch.matmul(self.token_w2, h) + self.token_b2
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+class MlpMixer(nn.Module):
+    """Patch stem -> MixerBlocks -> LayerNorm -> token mean -> head. Input (B, in_chans, H, W) at the fixed size."""
+
+    def __init__(self, img_size: int | tuple = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 512, num_blocks: int = 8, mlp_ratio: tuple[float, float] = (0.5, 4.0)):
+        super().__init__()
+        h, w = image_hw(img_size)
+        if h % patch_size or w % patch_size:
+            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+        seq_len = (h // patch_size) * (w // patch_size)
+        self.stem = PatchStem(in_chans, embed_dim, patch_size)
+        self.blocks = nn.Sequential(*[MixerBlock(embed_dim, seq_len, mlp_ratio) for _ in range(num_blocks)])
+        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.norm(self.blocks(self.stem(x)))
+        return self.head(x.mean(1))
+
+    def reparameterize(self, ctx: ReparamContext) -> nn.Module:
+        if isinstance(self.head, nn.Linear):
+            fold_head_through_mean(self, ctx, self.norm.weight, self.norm.bias, "LayerNorm affine")
+            self.norm = _plain_layernorm(self.norm)
+        else:
+            ctx.left("norm", "LayerNorm affine", "no classifier head (num_classes=0) to fold the final affine into")
+        return self
+
+
+# ------------------------------------------------------------------ format
+_TIMM_KEYS = {"num_classes", "img_size", "in_chans", "patch_size", "num_blocks", "embed_dim", "mlp_ratio",
+              "block_layer", "norm_layer", "act_layer", "drop_rate", "proj_drop_rate", "drop_path_rate",
+              "stem_norm", "global_pool", "nlhb", "timm_model_name"}
+
+
+def _ratios(mlp_ratio: float | list | tuple) -> tuple[float, float]:
+    """timm's ``to_2tuple(mlp_ratio)``: a scalar sets both the token and the channel ratio."""
+    if isinstance(mlp_ratio, (int, float)):
+        return float(mlp_ratio), float(mlp_ratio)
+    r0, r1 = mlp_ratio
+    return float(r0), float(r1)
+
+
+def build_timm(config: dict) -> MlpMixer:
+    """timm ``MlpMixer(...)`` arguments (default MixerBlock) -> model (drop rates: eval no-ops)."""
+    unknown = set(config) - _TIMM_KEYS
+    if unknown:
+        raise TypeError(f"unexpected timm-mixer arguments {sorted(unknown)}")
+    check_choice(config, "block_layer", ("MixerBlock",), "timm-mixer")
+    check_choice(config, "act_layer", ("GELU",), "timm-mixer")
+    check_choice(config, "stem_norm", (False,), "timm-mixer")
+    check_choice(config, "global_pool", ("avg",), "timm-mixer")
+    return MlpMixer(config.get("img_size", 224), config.get("patch_size", 16), config.get("in_chans", 3),
+                    config.get("num_classes", 1000), config.get("embed_dim", 512), config.get("num_blocks", 8),
+                    _ratios(config.get("mlp_ratio", (0.5, 4.0))))
+
+
+def _ratio_for(hidden: int, dim: int) -> float:
+    """A ratio r with ``int(r * dim) == hidden`` (hidden/dim can round just below in floats)."""
+    r = hidden / dim
+    while int(r * dim) < hidden:
+        r = math.nextafter(r, math.inf)
+    return r
+
+
+def infer_timm(sd: StateDict) -> dict:
+    fmt = "timm-mixer"
+    w = need(sd, "stem.proj.weight", fmt)
+    if w.dim() != 4 or w.shape[2] != w.shape[3]:
+        raise CheckpointError(f"{fmt}: stem.proj.weight has shape {tuple(w.shape)}, expected (C, in, p, p)")
+    dim, patch = int(w.shape[0]), int(w.shape[2])
+    tokens_dim, seq_len = (int(n) for n in need(sd, "blocks.0.mlp_tokens.fc1.weight", fmt).shape)
+    channels_dim = int(need(sd, "blocks.0.mlp_channels.fc1.weight", fmt).shape[0])
+    head = sd.get("head.weight")
+    return dict(num_classes=int(head.shape[0]) if head is not None else 0, img_size=square_grid(seq_len, patch, fmt),
+                in_chans=int(w.shape[1]), patch_size=patch, num_blocks=count_blocks(sd, "norm1.weight"),
+                embed_dim=dim, mlp_ratio=[_ratio_for(tokens_dim, dim), _ratio_for(channels_dim, dim)])
+
+
+register_format(CheckpointFormat(
+    "timm-mixer", "mixer", build_timm, dict,
+    lambda sd: "stem.proj.weight" in sd and "blocks.0.mlp_tokens.fc1.weight" in sd,
+    infer_timm, fixed_input_size, "MLP-Mixer, timm MlpMixer (MixerBlock) keys",
+))
+
+for _size, _dim, _depth in (("s", 512, 8), ("b", 768, 12), ("l", 1024, 24)):
+    for _patch in (16, 32):
+        register_config(
+            f"mixer_{_size}{_patch}", "timm-mixer", f"MLP-Mixer-{_size.upper()}/{_patch}, 224px",
+            num_classes=1000, img_size=224, in_chans=3, patch_size=_patch, num_blocks=_depth, embed_dim=_dim,
+            mlp_ratio=[0.5, 4.0],
+        )
