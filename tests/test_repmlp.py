@@ -201,8 +201,8 @@ def _tame_residual_branches_(model: torch.nn.Module, factor: float = 0.25) -> No
     anything; with the branches tamed the activations stay at the goldens' scale.
     """
     for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.BatchNorm2d) and name.endswith(("ffn_fc2.bn", "fc3_bn", ".bn")) and "stages" in name \
-                and "ffn_fc1" not in name:
+        # the block's output BNs (fc3_bn, repconv*.bn) and the FFN's last BN
+        if isinstance(mod, torch.nn.BatchNorm2d) and ("repmlp_block" in name or name.endswith("ffn_fc2.bn")):
             mod.weight.mul_(factor)
             mod.bias.mul_(factor)
 

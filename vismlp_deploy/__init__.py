@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 from .checkpoint.load import load_checkpoint
 from .models.registry import create_model
 from .reparam import ReparamReport, reparameterize
+from . import bench, verify  # callable subpackages: vismlp_deploy.verify(...), vismlp_deploy.bench(...)
 
 
 def __getattr__(name: str):
@@ -18,8 +19,6 @@ def __getattr__(name: str):
     lazy = {
         "export_onnx": ("export.onnx", "export_onnx"),
         "build_engine": ("export.tensorrt", "build_engine"),
-        "verify": ("verify.compare", "verify"),
-        "bench": ("bench.run", "bench"),
     }
     if name in lazy:
         import importlib

@@ -4,7 +4,7 @@ For each (backend, precision, batch) the forms run interleaved in one :func:`mea
 call, so ``deploy_over_train`` is a ratio taken under the same machine conditions.
 Achieved GFLOP/s = FLOPs of the form per image (``count_flops``, 2 per MAC; each form's
 own count, the work that form really does) × images/s, read against a GEMM peak
-measured at the start of the same run with the same threads and precision.
+measured at the start and end of the same run (the best) with the same threads and precision.
 """
 from __future__ import annotations
 
