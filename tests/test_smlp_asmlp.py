@@ -69,7 +69,8 @@ def test_smlp_deploy_keeps_only_the_residual_stream_bn() -> None:
     lns = [p for p, m in deploy.named_modules() if isinstance(m, nn.LayerNorm)]
     assert all(not m.elementwise_affine for p, m in deploy.named_modules() if isinstance(m, nn.LayerNorm))
     left = {x.path for x in deploy.reparam_report.left}
-    assert {f"token_mix.{n}.0.conv_merge.BN" for n in range(5)} <= left
+    assert {f"token_mix.{n}.bn" for n in range(5)} <= left
+    assert len(deploy.reparam_report.left) == 10  # 5 BN + 5 LN, each reported once
     assert {f"channel_mix.{n}.1" for n in range(5)} <= left and len(lns) == 5
     assert deploy.reparam_report.folded["BatchNorm2d->Conv2d"] == 5
     assert deploy.reparam_report.folded["BatchNorm2d->Linear"] == 1

@@ -98,6 +98,7 @@ def create_model(name: str, **overrides) -> nn.Module:
     cfg = {**nc.config, **overrides}
     model = fmt.build(cfg)
     model.arch, model.config = fmt.name, cfg
+    model.input_size = tuple(fmt.input_size(cfg))
     return model.eval()
 
 

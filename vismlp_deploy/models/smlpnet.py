@@ -83,7 +83,7 @@ class TokenMix(nn.Sequential):
         merge, mlp = self[0].conv_merge, self[1]
         dw = fuse_conv_bn(merge.Conv, mlp.BN)
         ctx.folded("BatchNorm2d->Conv2d", "1.BN")
-        ctx.left("0.conv_merge.BN", "BatchNorm2d", "on the residual stream before GELU: the skip needs the "
+        ctx.left("bn", "BatchNorm2d", "0.conv_merge.BN: on the residual stream before GELU; the skip needs the "
                  "un-normalised input and GELU blocks a forward fold")
         f = mlp.fuse.weight.detach().to(torch.float64)[:, :, 0, 0]
         c = f.shape[0]
