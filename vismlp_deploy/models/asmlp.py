@@ -302,7 +302,11 @@ def _input_size(config: dict) -> tuple[int, int, int]:
 FORMAT = "official-asmlp"
 register_format(CheckpointFormat(
     name=FORMAT, family="asmlp", build=_build, to_model_keys=dict, matches=_matches,
-    infer_config=_infer_config, input_size=_input_size,
+    infer_config=_infer_config, input_size=_input_size, assumptions=lambda c: {
+        "shift_size": ("assumed: not stored in the weights (every released "
+                      "AS-MLP uses 5); pass --config '{\"shift_size\": N}' if yours differs"),
+        "img_size": ("assumed: not stored in the weights; it sets the "
+                    "export/proof input size only (the network is convolutional)")},
     description="AS-MLP (svip-lab/AS-MLP as_mlp.py keys); shift size is not stored in the weights (assumed 5)",
 ))
 for _name, _dim, _depths, _dpr in (("asmlp_t", 96, [2, 2, 6, 2], 0.2), ("asmlp_s", 96, [2, 2, 18, 2], 0.3),
