@@ -80,7 +80,9 @@ def test_targets_report_what_was_measured(result):
     slow = Ratio("Tiny", "torch", 8, "fp32", 0.9)
     lines = target_lines(BenchResult(records=result.records, ratios=[*result.ratios, slow], machine=result.machine))
     text = "\n".join(lines)
-    assert f"{len(result.ratios)} of {len(result.ratios) + 1} measured ratios are ≥ 1.0" in text
+    # the tiny model's own ratios are timing noise: count them, do not assume them
+    fast = sum(r.deploy_over_train >= 1.0 for r in result.ratios)
+    assert f"{fast} of {len(result.ratios) + 1} measured ratios are ≥ 1.0" in text
     assert "| Tiny | torch | fp32 | 8 | 0.900 |" in text
     assert "| resmlp_12 | not measured |" in text
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from rich.markup import escape
 from rich.table import Table
@@ -54,10 +55,15 @@ def _print_report(report) -> None:
         t.add_row(kind, str(n))
     console.print(t)
     if report.left:
-        lt = Table(title="left in place")
+        # blocks.0.x … blocks.11.x with the same reason read as one row: blocks.*.x (×12)
+        groups: dict[tuple[str, str, str], int] = {}
+        for x in report.left:
+            key = (re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", x.path), x.kind, x.reason)
+            groups[key] = groups.get(key, 0) + 1
+        lt = Table(title="left in place (--json lists every module)")
         lt.add_column("module")
         lt.add_column("kind")
         lt.add_column("why")
-        for x in report.left:
-            lt.add_row(x.path, x.kind, x.reason)
+        for (path, kind, reason), n in groups.items():
+            lt.add_row(f"{path} (×{n})" if n > 1 else path, kind, reason)
         console.print(lt)
