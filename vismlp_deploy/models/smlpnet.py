@@ -12,9 +12,9 @@ Train form (BN eps 1e-5, LN eps 1e-5, exact GELU; fixed input size ``image_size`
 
 Deploy form (each step exact):
     token_mix.n.1.BN folds into the depthwise conv before it (BN directly follows the conv);
-    the spatial projections' biases pass through the fuse conv as one (C, H, W) bias map
-    (exact at the fixed input size, which the deploy model enforces); the projections stay
-    bias-free 1x1 convs on permuted views (measured faster on CPU than a permute-free matmul form);
+    the spatial projections keep their biases (a (C, H, W) bias map through ``fuse`` is exact at
+    the fixed size but measured worse: one more ONNX node per block, +2.4M parameters) and stay
+    1x1 convs on permuted views (measured faster on CPU than a permute-free matmul form);
     channel_mix LN γ/β -> the first Linear; head BN -> mlp_head through the mean.
     Left: token_mix.n.0.conv_merge.BN sits on the residual stream before a GELU; the skip
     path needs the un-normalised x and GELU blocks folding forward, so it stays (as an
@@ -85,49 +85,29 @@ class TokenMix(nn.Sequential):
         ctx.folded("BatchNorm2d->Conv2d", "1.BN")
         ctx.left("bn", "BatchNorm2d", "0.conv_merge.BN: on the residual stream before GELU; the skip needs the "
                  "un-normalised input and GELU blocks a forward fold")
-        f = mlp.fuse.weight.detach().to(torch.float64)[:, :, 0, 0]
-        c = f.shape[0]
-        f_w_axis, f_h_axis = f[:, c:2 * c], f[:, 2 * c:]
-        side = mlp.proj_h.weight.shape[0]
-        # fuse(b_h[x] + b_w[y] broadcast over channels) = rowsum(F1)·b_h[x] + rowsum(F2)·b_w[y]
-        b_h = mlp.proj_h.bias.detach().to(torch.float64)
-        b_w = mlp.proh_w.bias.detach().to(torch.float64)
-        bias_map = f_w_axis.sum(1)[:, None, None] * b_h[None, None, :] + f_h_axis.sum(1)[:, None, None] * b_w[None, :, None]
-        ctx.folded("Conv2d bias->bias map", "1.proj_h/proh_w")
-        dtype = mlp.fuse.weight.dtype
-        return DeployTokenMix(
-            merge.BN, dw, mlp.proj_h.weight.detach()[:, :, 0, 0], mlp.proh_w.weight.detach()[:, :, 0, 0],
-            f.to(dtype), bias_map.reshape(1, c, side, side).to(dtype))
+        # The projections keep their biases. Pushing them through ``fuse`` as a (C, H, W) bias
+        # map is exact at the fixed size, but measured worse: one extra Add node per block in
+        # ONNX (a conv bias is free inside the Conv node) and +2.4M parameters on smlpnet_t.
+        return DeployTokenMix(merge.BN, dw, mlp.proj_h, mlp.proh_w, mlp.fuse)
 
 
 class DeployTokenMix(nn.Module):
-    """BN -> GELU -> DW 3x3 (+bias) -> GELU = a -> fuse(concat[a, W-mix(a), H-mix(a)]) + bias map.
+    """BN -> GELU -> DW 3x3 (+bias) -> GELU = a -> fuse(concat[a, W-mix(a), H-mix(a)]).
 
-    The spatial mixes are bias-free 1x1 convs on permuted views (the upstream layout): on
-    CPU this measured ~1-2% faster than the permute-free matmul form (``a @ Wh.T``,
-    ``Ww @ a``), which is equally exact. x (N, C, S, S) -> same (S fixed).
+    The spatial mixes are 1x1 convs on permuted views (the upstream layout): on CPU this
+    measured ~1-2% faster than the permute-free matmul form (``a @ Wh.T``, ``Ww @ a``),
+    which is equally exact. x (N, C, S, S) -> same (S fixed).
     """
 
-    def __init__(self, bn: nn.BatchNorm2d, dw: nn.Conv2d, w_axis: Tensor, h_axis: Tensor, fuse: Tensor, bias_map: Tensor):
+    def __init__(self, bn: nn.BatchNorm2d, dw: nn.Conv2d, w_mix: nn.Conv2d, h_mix: nn.Conv2d, fuse: nn.Conv2d):
         super().__init__()
-        self.bn, self.dw = bn, dw
-        self.w_mix = _conv1x1(w_axis)
-        self.h_mix = _conv1x1(h_axis)
-        self.fuse = _conv1x1(fuse)
-        self.bias_map = nn.Parameter(bias_map.clone())
+        self.bn, self.dw, self.w_mix, self.h_mix, self.fuse = bn, dw, w_mix, h_mix, fuse
 
     def forward(self, x: Tensor) -> Tensor:
         a = F.gelu(self.dw(F.gelu(self.bn(x))))
         a_w = self.w_mix(a.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # mixes along W
         a_h = self.h_mix(a.permute(0, 2, 1, 3)).permute(0, 2, 1, 3)  # mixes along H
-        return self.fuse(torch.cat([a, a_w, a_h], 1)) + self.bias_map
-
-
-def _conv1x1(weight: Tensor) -> nn.Conv2d:
-    """A bias-free 1x1 conv with the given (O, C) weight."""
-    conv = nn.Conv2d(weight.shape[1], weight.shape[0], 1, bias=False, dtype=weight.dtype)
-    conv.weight.data.copy_(weight[:, :, None, None])
-    return conv
+        return self.fuse(torch.cat([a, a_w, a_h], 1))
 
 
 class FeedForward(nn.Module):
