@@ -9,7 +9,8 @@ from ..reparam.walker import ReparamContext
 
 
 def clone_conv(conv: nn.Conv2d | nn.Conv1d, weight: Tensor, bias: Tensor | None) -> nn.Module:
-    """A conv with ``conv``'s hyper-parameters and the given weights (padding='same' made explicit)."""
+    """A conv with ``conv``'s hyper-parameters holding the given tensors (not copied: pass
+    fresh ones); padding='same' is made explicit."""
     padding = conv.padding
     if isinstance(padding, str):
         if padding == "valid":
@@ -20,23 +21,24 @@ def clone_conv(conv: nn.Conv2d | nn.Conv1d, weight: Tensor, bias: Tensor | None)
             padding = tuple(d * (k - 1) // 2 for k, d in zip(conv.kernel_size, conv.dilation))
     if conv.padding_mode != "zeros":
         raise ValueError(f"padding_mode {conv.padding_mode!r} is not supported")
+    # built on the meta device: no throw-away random init, the given tensors become the parameters
     new = type(conv)(
         weight.shape[1] * conv.groups, weight.shape[0], tuple(weight.shape[2:]), conv.stride,
-        padding, conv.dilation, conv.groups, bias is not None,
-        device=weight.device, dtype=weight.dtype,
+        padding, conv.dilation, conv.groups, bias is not None, device="meta",
     )
-    new.weight.data.copy_(weight)
+    return _adopt(new, weight, bias)
+
+
+def _adopt(module: nn.Module, weight: Tensor, bias: Tensor | None) -> nn.Module:
+    module.weight = nn.Parameter(weight.detach())
     if bias is not None:
-        new.bias.data.copy_(bias)
-    return new
+        module.bias = nn.Parameter(bias.detach())
+    return module
 
 
 def clone_linear(weight: Tensor, bias: Tensor | None) -> nn.Linear:
-    new = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device=weight.device, dtype=weight.dtype)
-    new.weight.data.copy_(weight)
-    if bias is not None:
-        new.bias.data.copy_(bias)
-    return new
+    """A Linear holding the given tensors (they are not copied: pass fresh ones)."""
+    return _adopt(nn.Linear(weight.shape[1], weight.shape[0], bias is not None, device="meta"), weight, bias)
 
 
 def bn_affine(bn: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,11 @@ def _f64(x: Tensor | None) -> Tensor | None:
     return None if x is None else x.detach().to(_F64)
 
 
+def _f64_copy(x: Tensor) -> Tensor:
+    """A private float64 copy (``.to`` alone returns the input itself when it is float64)."""
+    return x.detach().to(_F64, copy=True)
+
+
 def _bias_or_zeros(bias: Tensor | None, n: int, like: Tensor) -> Tensor:
     return torch.zeros(n, dtype=_F64, device=like.device) if bias is None else bias.detach().to(_F64)
 
@@ -71,7 +76,7 @@ def fold_affine_after(
     out = weight.shape[0]
     s = torch.broadcast_to(_f64(scale), (out,))
     t = torch.broadcast_to(_f64(shift), (out,))
-    w = _f64(weight) * s.reshape(-1, *([1] * (weight.dim() - 1)))
+    w = _f64_copy(weight).mul_(s.reshape(-1, *([1] * (weight.dim() - 1))))  # one float64 temporary
     b = _bias_or_zeros(bias, out, weight) * s + t
     return w.to(weight.dtype), b.to(weight.dtype)
 
@@ -112,14 +117,9 @@ def fold_affine_before(
     if out % groups:
         raise NotExactError(f"out channels {out} not divisible by groups {groups}")
     pads = [padding] if isinstance(padding, int) else list(padding)
-    w = _f64(weight)
     b = _bias_or_zeros(bias, out, weight)
-    kdims = [1] * (weight.dim() - 2)
-    if scale is not None:
-        s = torch.broadcast_to(_f64(scale), (cin,))
-        # output channel o of group j reads input channels j*C/g .. (j+1)*C/g
-        s_per_out = s.reshape(groups, 1, cin_per_group).expand(groups, out // groups, cin_per_group)
-        w = w * s_per_out.reshape(out, cin_per_group, *kdims)
+    # grouped view: (g, O/g, C/g, taps); output channel o of group j reads inputs j*C/g ..
+    w64 = _f64_copy(weight).reshape(groups, out // groups, cin_per_group, -1)
     if shift is not None:
         t = torch.broadcast_to(_f64(shift), (cin,))
         if any(p != 0 for p in pads) and bool((t != 0).any()):
@@ -127,12 +127,12 @@ def fold_affine_before(
                 "a per-channel shift enters a zero-padded conv: border outputs see 0, not the "
                 "shift; fold it as a fixed-size bias map or leave the affine in place"
             )
-        t_per_out = t.reshape(groups, 1, cin_per_group).expand(groups, out // groups, cin_per_group)
-        # Σ over input channels and kernel taps of the *original* W (scale already applied
-        # to w, but the shift enters after the scale: W (s x + t) = (W s) x + W t).
-        w_orig = _f64(weight)
-        b = b + (w_orig * t_per_out.reshape(out, cin_per_group, *kdims)).flatten(1).sum(1)
-    return w.to(weight.dtype), b.to(weight.dtype)
+        # W (s x + t) = (W s) x + W t: the shift meets the *unscaled* W, summed over taps
+        b = b + torch.einsum("gock,gc->go", w64, t.reshape(groups, cin_per_group)).reshape(out)
+    if scale is not None:
+        s = torch.broadcast_to(_f64(scale), (cin,))
+        w64.mul_(s.reshape(groups, 1, cin_per_group, 1))  # in place on the private float64 copy
+    return w64.reshape(weight.shape).to(weight.dtype), b.to(weight.dtype)
 
 
 def shift_bias_map(
