@@ -18,7 +18,7 @@ from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.models.registry import create_model, get_format
 
 HERE = Path(__file__).parent
-SCHEMAS = HERE.parent.parent / "shared" / "conformance" / "schemas.json"
+SCHEMAS = HERE / "conformance" / "schemas.json"  # vendored copy of shared/conformance
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 
 
@@ -49,9 +49,10 @@ def test_convmixer_deploy_equals_train(k, act, depth, dtype):
     rep = deploy.reparam_report
     assert rep.folded["BatchNorm2d->PWConv2d (forward)"] == depth
     assert rep.folded["BatchNorm2d->Linear (through the pool)"] == 1
-    kinds = [x.kind for x in rep.left]  # exactly one shift and one gain per block stay, with reasons
+    kinds = [x.kind for x in rep.left]  # one shift per block stays; a multiply only for GELU (BN γ > 0 here)
     assert kinds.count("BatchNorm2d shift (per-channel add)") == depth
-    assert kinds.count("BatchNorm2d scale ratio (per-channel multiply)") == depth
+    assert kinds.count("BatchNorm2d scale ratio (per-channel multiply)") == (depth if act == "GELU" else 0)
+    assert all((b.scale is None) == (act == "ReLU") and b.gain is None for b in deploy.blocks)
     # fully convolutional: the size-agnostic form is exact at another size too
     with torch.no_grad():
         x2 = _x((1, 3, 12, 33), seed=5, dtype=dtype)
@@ -87,15 +88,66 @@ def test_convmixer_bias_map_differs_from_naive_fold_exactly_at_borders():
     assert_close(bias_map, ref)
 
 
-def test_convmixer_zero_bn_scale_is_refused_not_approximated():
-    model = randomize_(ConvMixer(dim=6, depth=2, kernel_size=3, patch_size=2, num_classes=4), 0).eval()
-    model.blocks[0][3].weight.data[2] = 0.0  # BN2 of block 0: s == 0 in one channel
+@DTYPES
+@pytest.mark.parametrize("act", ["ReLU", "GELU"])
+def test_convmixer_negative_and_zero_bn_scales(act, dtype):
+    """Negative γ: only positive factors cross a ReLU, so a channel whose stream and branch scales
+    differ in sign keeps a multiply (reported); a stream scale of exactly 0 folds exactly."""
+    model = randomize_(ConvMixer(dim=6, depth=3, kernel_size=3, patch_size=2, num_classes=4, act_layer=act), 0)
+    bns = [model.stem[2]] + [m for b in model.blocks for m in (b[0].fn[2], b[3])]
+    with torch.no_grad():
+        for bn in bns:
+            bn.weight[1] = -bn.weight[1]  # channel 1: negative everywhere, signs agree
+        model.blocks[1][0].fn[2].weight[4] *= -1  # channel 4: branch of block 1 only: signs differ
+        model.blocks[0][3].weight[2] = 0.0  # stream scale 0 entering block 1
+    model = model.eval().to(dtype)
     deploy = reparameterize(model, count=False)
-    assert isinstance(deploy, ConvMixer)  # kept in train form
-    assert any("exactly 0" in x.reason for x in deploy.reparam_report.left)
-    x = _x((2, 3, 10, 10))
+    x = _x((2, 3, 10, 14), dtype=dtype)
     with torch.no_grad():
         assert_close(deploy(x), model(x))
+    left = {x.path: x.reason for x in deploy.reparam_report.left if x.kind.endswith("multiply)")}
+    if act == "ReLU":  # block 1 keeps one for channels 2 (scale 0) and 4 (sign): 2 channels
+        assert list(left) == ["blocks.1.scale"] and left["blocks.1.scale"].startswith("2 channel(s)")
+        assert [b.scale is None for b in deploy.blocks] == [True, False, True]
+    else:
+        assert len(left) == 3 and all("not positively homogeneous" in r for r in left.values())
+
+
+def test_convmixer_zero_branch_bn_scale_is_refused_not_approximated():
+    model = randomize_(ConvMixer(dim=6, depth=2, kernel_size=3, patch_size=2, num_classes=4), 0).eval()
+    model.blocks[1][0].fn[2].weight.data[2] = 0.0  # BN1 of block 1: s1 == 0 in one channel
+    for fixed in (None, (10, 10)):  # size-agnostic form divides by s1; the bias-map form by the stream's s
+        model.fixed_input_size = fixed
+        deploy = reparameterize(model, count=False)
+        assert isinstance(deploy, ConvMixer) == (fixed is None)  # refused => kept in train form
+        assert any("exactly 0" in x.reason for x in deploy.reparam_report.left) == (fixed is None)
+        x = _x((2, 3, 10, 10))
+        with torch.no_grad():
+            assert_close(deploy(x), model(x))
+
+
+@pytest.mark.parametrize("act", ["ReLU", "GELU"])
+def test_convmixer_onnx_passes(act, tmp_path):
+    """The exported deploy graph has fewer elementwise passes than train and matches it in ORT:
+    ReLU: no Mul (scales inside the convs); both: one single-pass affine (BatchNormalization) per block."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    from vismlp_deploy.export.onnx import export_onnx
+
+    model = randomize_(ConvMixer(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=4, act_layer=act), 0).eval()
+    model.input_size = (3, 12, 12)
+    x = _x((2, 3, 12, 12))
+    ops = {}
+    for name, m in (("train", model), ("deploy", reparameterize(model, count=False))):
+        path = export_onnx(m, tmp_path / f"{name}.onnx")
+        ops[name] = [n.op_type for n in onnx.load(path).graph.node]
+        y = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        assert rel_err(torch.from_numpy(y), model(x).detach()) <= 1e-5
+    bn, mul = ops["deploy"].count("BatchNormalization"), ops["deploy"].count("Mul")
+    assert (bn, mul) == (2, 0)  # the affine a'' (ReLU: shift only) per block, no multiply node
+    assert len(ops["deploy"]) < len(ops["train"]) and ops["deploy"].count("Add") == 2  # the residuals
+    if act == "ReLU":
+        assert all(op != "BatchNormalization" or nxt == "Conv" for op, nxt in zip(ops["deploy"], ops["deploy"][1:]))
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -171,7 +223,6 @@ def _meta_shapes(fmt, cfg):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-@pytest.mark.skipif(not SCHEMAS.exists(), reason="shared schemas.json not present")
 @pytest.mark.parametrize("name, act", [
     ("convmixer_768_32", "ReLU"), ("convmixer_1536_20", "GELU"), ("convmixer_1536_20_locuslab", "GELU"),
     ("convmixer_768_32_locuslab", "ReLU"), ("convmlp_s", None), ("convmlp_m", None), ("convmlp_l", None),

@@ -8,36 +8,40 @@ Train form (op order conv → act → BN everywhere)::
     head:   y = Linear(mean_hw(r_D))
 
 Every BN follows an activation, so no Conv→BN fuser folds anything. The deploy form
-carries the residual stream *before* its pending BN affine and pushes each affine forward.
+carries the residual stream as ``r = σ ⊙ a + t`` (``a`` the stored activation output) and
+pushes each affine forward. ``(s, t)``: BN scale/shift in eval mode; per channel throughout.
 
-Derivation (s, t = scale/shift of a BN in eval mode; c ranges over channels). Let the
-stream entering a block be ``r = s ⊙ a + t`` with ``a`` the activation output and
-``(s, t)`` the previous BN (BN0 or the last BN2); write ``(s1, t1)``, ``(s2, t2)`` for
-this block's BNs.
+Positive homogeneity (ReLU only): ``p·relu(y) = relu(p·y)`` for ``p > 0``, so the positive
+part ``p = |s|`` of a BN scale after a ReLU moves into the conv rows and bias before it; the
+sign ``s/p = ±1`` is what remains. GELU is not homogeneous: ``p = 1`` (nothing crosses).
 
-1. DW sees ``r``. Depthwise ⇒ the scale acts on exactly one filter per channel, so
-   ``DW_W(s ⊙ a) = DW_{W·s}(a)`` holds at every position, padding included.
-   The shift does not: with zero padding ``DW_W(t·1)`` is a per-position *bias map*
-   (border taps read 0, not ``t``) — exact only at one input size. Two exact options:
-   - size-agnostic (default): write ``s ⊙ a + t = s ⊙ a'`` with ``a' = a + t/s`` (needs
-     ``s ≠ 0``). Zero padding of ``a'`` is zero padding of ``r``, so
-     ``DW_W(r) = DW_{W·s}(a')`` exactly at every size. Cost: one per-channel add.
-   - fixed size (``model.fixed_input_size = (H, W)``): ``DW_W(r) = DW_{W·s}(a) + M`` with
-     ``M = b + DW_W(t·1)`` at the stem's output grid; the map replaces the conv bias.
-2. ``u = r + s1 ⊙ d + t1`` with ``d = act(DW(r))``. Factor the skip scale out:
-   ``u = s ⊙ (a' + (s1/s) ⊙ d) + t1``  (fixed size: ``s ⊙ (a + (s1/s) ⊙ d) + (t + t1)``).
-   ``z = a' + g ⊙ d``, ``g = s1/s``, is one ``addcmul``: the only multiply on the stream.
-   ``s1`` cannot go into DW (an activation separates them) nor into PW alone (the skip
-   is added before PW), so one per-channel multiply is the minimum.
-3. PW sees ``u = s ⊙ z + t'``: a 1×1 conv has no padding, so ``PW(s ⊙ z + t')`` folds
-   exactly into ``W·diag(s)`` and ``b + W t'``.
-4. ``r' = s2 ⊙ act(PW(z)) + t2``: ``a ← act(PW(z))``, the pending affine becomes ``(s2, t2)``.
-5. Head: ``mean_hw(s ⊙ a + t) = s ⊙ mean_hw(a) + t`` (the pool is linear and per
-   channel), so the last BN folds into the Linear exactly.
+1. Stem: ``a = act(p0·stem(x))``, ``σ = s0/p0``, ``t = t0``.
+2. Block (``s1, t1``: the DW branch's BN; ``s2, t2``: after PW). Factor ``γ = s1/q``
+   out of the residual sum, ``q = |s1|`` for ReLU (so ``γ = ±1``), ``q = 1`` for GELU
+   (``γ = s1``); needs ``s1 ≠ 0``, else the model is refused, never approximated::
 
-Remaining per block: one add (``t/s``; none at a fixed size) and one addcmul, versus two
-BN affines and one add in the train form. ``s`` with an exact zero makes the division
-impossible: such a model is refused (left in train form) rather than approximated.
+       a'' = m ⊙ a + c,  m = σ/γ, c = t/γ          ⇒ r = γ ⊙ a''
+       DW_W(r) = DW_{W·s1/q}(a'')                    depthwise: one filter per channel, and
+                                                     zero padding of a'' is zero padding of r
+       s1 ⊙ act(DW(r) + b) = γ ⊙ d,  d = act(DW_{W·s1}(a'') + q·b)
+       u = r + s1 ⊙ act(...) + t1 = γ ⊙ (a'' + d) + t1
+       PW(u) → W·diag(γ) and b + W·t1                1×1 conv, no padding: exact
+       a_next = act(p2·PW(z)),  σ ← s2/p2, t ← t2
+
+   ``c`` cannot enter the zero-padded DW conv size-agnostically (border taps read 0, not
+   ``c``), so it stays as one per-channel add. ``m`` is 1 everywhere for ReLU when each
+   channel's stream and branch scales share a sign (``σ·γ = 1``): then no multiply is left.
+   Otherwise (GELU; ReLU with a sign disagreement or a zero stream scale) ``m ⊙ a + c``
+   and ``c`` run as one pass: an eval batch norm with mean 0, var 1, eps 0 (exactly ``m·a + c``).
+3. Head: ``mean_hw(σ ⊙ a + t) = σ ⊙ mean_hw(a) + t`` folds into the Linear.
+
+Per block the train graph has BN, Add, BN around two activations; the deploy graph has
+one add (ReLU, matching signs) or one fused affine (otherwise) and the residual add, and
+for ReLU the activations fuse into the convs (Conv+Relu) in ONNX Runtime.
+
+Fixed-size alternative (``model.fixed_input_size = (H, W)``): the shift enters the DW conv
+as a bias map ``M = b + DW_W(t·1)`` at the stem's output grid (exact at that size only),
+and ``g = s1/s`` stays as a multiply on the branch (needs ``s ≠ 0``).
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ import re
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from ..errors import CheckpointError, NotExactError, UserError
 from ..reparam import transforms as T
@@ -105,13 +110,56 @@ class ConvMixer(nn.Module):
 
     def reparameterize(self, ctx: ReparamContext) -> nn.Module:
         """The deploy form of the module docstring; every fold is recorded in ``ctx``."""
+        if self.fixed_input_size is not None:
+            return self._reparameterize_fixed(ctx)
+        relu = self.act_name == "ReLU"
+        stem_conv, _, bn0 = self.stem
+        s, t = bn_affine(bn0)
+        # ReLU: c*relu(y) = relu(c*y) for c > 0, so |s| moves into the conv before the ReLU
+        p = _homogeneous_part(s) if relu else torch.ones_like(s)
+        stem = clone_conv(stem_conv, *_scale_rows(stem_conv.weight, stem_conv.bias, p))
+        sigma = s / p  # stream r = sigma * a + t, a = the stored activation output
+        blocks = []
+        for i, blk in enumerate(self.blocks):
+            res, pw, _, bn2 = blk
+            dw, _, bn1 = res.fn
+            where = f"blocks.{i}"
+            s1, t1 = bn_affine(bn1)
+            if bool((s1 == 0).any()):
+                raise NotExactError(f"{where}: the depthwise branch's BatchNorm scale is exactly 0; "
+                                    "the factorization u = gamma*(r/gamma + d) divides by it")
+            q = _homogeneous_part(s1) if relu else torch.ones_like(s1)
+            gamma = s1 / q  # factored out of the residual sum; ±1 for ReLU
+            m, c = sigma / gamma, t / gamma  # a'' = m*a + c, so that r = gamma*a''
+            dw_w, _ = T.fold_affine_before(dw.weight, None, s1, None, groups=dw.groups)  # W*gamma*q = W*s1
+            dw_b = None if dw.bias is None else (q * dw.bias.double()).to(dw.weight.dtype)
+            ctx.folded("BatchNorm2d scale->DWConv2d", f"{where}.0.fn.0")
+            scale = None if bool((m == 1).all()) else m.to(dw.weight.dtype)
+            shift = None if bool((c == 0).all()) else c.to(dw.weight.dtype)
+            if scale is not None:
+                ctx.left(f"{where}.scale", "BatchNorm2d scale ratio (per-channel multiply)", _scale_reason(relu, sigma, gamma))
+            if shift is not None:
+                ctx.left(f"{where}.shift", "BatchNorm2d shift (per-channel add)",
+                         "it enters the zero-padded depthwise conv, whose border taps read 0, not the "
+                         "shift: folding is exact only as a fixed-size bias map (set fixed_input_size)")
+            s2, t2 = bn_affine(bn2)
+            p2 = _homogeneous_part(s2) if relu else torch.ones_like(s2)
+            pw_w, pw_b = T.fold_affine_before(pw.weight, pw.bias, gamma, t1)  # u = gamma*z + t1
+            pw_w, pw_b = _scale_rows(pw_w, pw_b, p2)
+            ctx.folded("BatchNorm2d->PWConv2d (forward)", f"{where}.1")
+            blocks.append(ConvMixerDeployBlock(scale, shift, clone_conv(dw, dw_w, dw_b), None, None,
+                                               clone_conv(pw, pw_w, pw_b), _act(self.act_name)))
+            sigma, t = s2 / p2, t2
+        head_w, head_b = T.fold_affine_before(self.head.weight, self.head.bias, sigma, t)
+        ctx.folded("BatchNorm2d->Linear (through the pool)", "head")
+        return self._deploy(stem, blocks, clone_linear(head_w, head_b))
+
+    def _reparameterize_fixed(self, ctx: ReparamContext) -> nn.Module:
+        """Fixed-size form: the stream's shift becomes a bias map of the DW conv at the stem's grid."""
         stem_conv, _, bn0 = self.stem
         s, t = bn_affine(bn0)  # pending affine on the stream, float64
-        fixed = self.fixed_input_size
-        grid = None
-        if fixed is not None:
-            p = stem_conv.stride
-            grid = tuple((n - k) // st + 1 for n, k, st in zip(fixed, stem_conv.kernel_size, p))
+        grid = tuple((n - k) // st + 1 for n, k, st in
+                     zip(self.fixed_input_size, stem_conv.kernel_size, stem_conv.stride))
         blocks = []
         for i, blk in enumerate(self.blocks):
             res, pw, _, bn2 = blk
@@ -119,72 +167,97 @@ class ConvMixer(nn.Module):
             where = f"blocks.{i}"
             if bool((s == 0).any()):
                 raise NotExactError(f"{where}: a BatchNorm scale feeding the stream is exactly 0; "
-                                    "the skip-path factorization r = s*(a + t/s) divides by it")
+                                    "the skip-path factorization divides by it")
             s1, t1 = bn_affine(bn1)
             dw_w, _ = T.fold_affine_before(dw.weight, None, s, None, groups=dw.groups)
             gain = (s1 / s).to(dw.weight.dtype)
-            if grid is None:
-                shift = (t / s).to(dw.weight.dtype) if bool((t != 0).any()) else None
-                new_dw = clone_conv(dw, dw_w, dw.bias)
-                bias_map, pw_shift = None, t1
-                if shift is not None:
-                    ctx.left(f"{where}.shift", "BatchNorm2d shift (per-channel add)",
-                             "it enters the zero-padded depthwise conv, whose border taps read 0, not the "
-                             "shift: folding is exact only as a fixed-size bias map (set fixed_input_size)")
-            else:
-                shift = None
-                new_dw = clone_conv(dw, dw_w, None)
-                padding = new_dw.padding
-                bias_map = T.shift_bias_map(dw.weight.double(), t, grid, groups=dw.groups, padding=padding)
-                bias_map = (bias_map + dw.bias.double()[:, None, None]).to(dw.weight.dtype)
-                pw_shift = t + t1
-                ctx.folded("BatchNorm2d shift->DWConv2d bias map", f"{where}.0.fn.0")
+            new_dw = clone_conv(dw, dw_w, None)
+            bias_map = T.shift_bias_map(dw.weight.double(), t, grid, groups=dw.groups, padding=new_dw.padding)
+            bias_map = (bias_map + dw.bias.double()[:, None, None]).to(dw.weight.dtype)
+            ctx.folded("BatchNorm2d shift->DWConv2d bias map", f"{where}.0.fn.0")
             ctx.folded("BatchNorm2d scale->DWConv2d", f"{where}.0.fn.0")
             ctx.left(f"{where}.gain", "BatchNorm2d scale ratio (per-channel multiply)",
                      "the residual adds BN(act(DW)) to the stream before the PW conv; an activation "
                      "separates this scale from every conv, so one multiply stays on the skip path")
-            pw_w, pw_b = T.fold_affine_before(pw.weight, pw.bias, s, pw_shift)
+            pw_w, pw_b = T.fold_affine_before(pw.weight, pw.bias, s, t + t1)
             ctx.folded("BatchNorm2d->PWConv2d (forward)", f"{where}.1")
-            blocks.append(ConvMixerDeployBlock(shift, new_dw, bias_map, gain, clone_conv(pw, pw_w, pw_b), _act(self.act_name)))
+            blocks.append(ConvMixerDeployBlock(None, None, new_dw, bias_map, gain, clone_conv(pw, pw_w, pw_b),
+                                               _act(self.act_name)))
             s, t = bn_affine(bn2)
         head_w, head_b = T.fold_affine_before(self.head.weight, self.head.bias, s, t)
         ctx.folded("BatchNorm2d->Linear (through the pool)", "head")
-        deploy = ConvMixerDeploy(stem_conv, _act(self.act_name), blocks, clone_linear(head_w, head_b))
+        return self._deploy(stem_conv, blocks, clone_linear(head_w, head_b))
+
+    def _deploy(self, stem: nn.Conv2d, blocks: list[ConvMixerDeployBlock], head: nn.Linear) -> ConvMixerDeploy:
+        deploy = ConvMixerDeploy(stem, _act(self.act_name), blocks, head)
         for attr in ("arch", "config", "input_size"):
             if hasattr(self, attr):
                 setattr(deploy, attr, getattr(self, attr))
         return deploy
 
 
+def _homogeneous_part(s: Tensor) -> Tensor:
+    """|s| where s != 0, else 1: the positive factor that may cross a ReLU (c*relu(y) = relu(c*y), c > 0)."""
+    return torch.where(s != 0, s.abs(), torch.ones_like(s))
+
+
+def _scale_rows(weight: Tensor, bias: Tensor | None, p: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Conv ``(W, b)`` -> ``(p*W, p*b)`` per output channel, computed in float64. p (O,)."""
+    w = (weight.double() * p.reshape(-1, *[1] * (weight.dim() - 1))).to(weight.dtype)
+    return w, None if bias is None else (bias.double() * p).to(bias.dtype)
+
+
+def _scale_reason(relu: bool, sigma: Tensor, gamma: Tensor) -> str:
+    if not relu:
+        return ("GELU is not positively homogeneous: neither the stream's BN scale nor the branch's can "
+                "cross an activation into a conv, so their ratio stays as one multiply on the stream")
+    bad = int(((sigma * gamma) <= 0).sum())
+    return (f"{bad} channel(s) where the stream's BN scale and the branch's BN scale differ in sign (or "
+            "the stream's is 0): only positive factors cross a ReLU, so a multiply by -1/0 stays")
+
+
 # ---------------------------------------------------------------------------- deploy form
 class ConvMixerDeployBlock(nn.Module):
-    """``a' = a + shift; z = a' + gain ⊙ act(DW(a') [+ bias_map]); a_next = act(PW(z))``.
+    """``a'' = scale ⊙ a + shift; z = a'' + [gain ⊙] act(DW(a'') [+ bias_map]); a_next = act(PW(z))``.
 
-    a (N, C, H, W) -> (N, C, H, W). ``shift`` and ``bias_map`` are mutually exclusive:
-    the bias map (C, H, W) is the fixed-size form and rejects other sizes.
+    a (N, C, H, W) -> (N, C, H, W). Size-agnostic form: ``scale``/``shift`` (either may be
+    absent = 1/0), no gain. Fixed-size form: ``bias_map`` (C, H, W) + ``gain``, rejects other sizes.
+    A shift (with or without scale) runs as an eval-mode batch norm with mean 0, var 1, eps 0:
+    exactly ``scale*a + shift`` (sqrt(1) = 1). ONNX Runtime CPU turns a BatchNormalization into
+    an NCHWc 1x1 depthwise conv (one pass, NCHWc layout kept); a broadcast Add/Mul instead forces
+    a reorder out of and back into NCHWc around it (measured: 2 extra passes per block).
     """
 
-    def __init__(self, shift: Tensor | None, dw: nn.Conv2d, bias_map: Tensor | None, gain: Tensor,
-                 pw: nn.Conv2d, act: nn.Module):
+    def __init__(self, scale: Tensor | None, shift: Tensor | None, dw: nn.Conv2d, bias_map: Tensor | None,
+                 gain: Tensor | None, pw: nn.Conv2d, act: nn.Module):
         super().__init__()
-        c = gain.numel()
-        self.shift = None if shift is None else nn.Parameter(shift.reshape(1, c, 1, 1).clone())
+        c = dw.out_channels
+        self.scale = None if scale is None else nn.Parameter(scale.reshape(c).clone())
+        self.shift = None if shift is None else nn.Parameter(shift.reshape(c).clone())
+        if shift is not None:
+            self.register_buffer("zero", torch.zeros(c, dtype=shift.dtype))
+            self.register_buffer("one", torch.ones(c, dtype=shift.dtype))
         self.dw = dw
         self.bias_map = None if bias_map is None else nn.Parameter(bias_map.unsqueeze(0).clone())
+        self.gain = None if gain is None else nn.Parameter(gain.reshape(1, c, 1, 1).clone())
         self.act = act
-        self.gain = nn.Parameter(gain.reshape(1, c, 1, 1).clone())
         self.pw = pw
 
     def forward(self, a: Tensor) -> Tensor:
         if self.shift is not None:
-            a = a + self.shift
+            a = F.batch_norm(a, self.zero, self.one, self.scale, self.shift, False, 0.0, 0.0)
+        elif self.scale is not None:
+            a = a * self.scale[:, None, None]
+        elif self.shift is not None:
+            a = a + self.shift[:, None, None]
         d = self.dw(a)
         if self.bias_map is not None:
             if d.shape[-2:] != self.bias_map.shape[-2:]:
                 raise UserError(f"this deploy model was folded for a fixed input size (token grid "
                                 f"{tuple(self.bias_map.shape[-2:])}); got grid {tuple(d.shape[-2:])}")
             d = d + self.bias_map
-        z = torch.addcmul(a, self.gain, self.act(d))
+        d = self.act(d)
+        z = a + d if self.gain is None else torch.addcmul(a, self.gain, d)
         return self.act(self.pw(z))
 
 

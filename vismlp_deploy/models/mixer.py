@@ -7,25 +7,31 @@ Train block on x (B, N, C), N tokens (row-major), LayerNorm eps 1e-6, exact GELU
 
 Deploy block (exact)::
 
-    x = x + W2 @ gelu(W1 @ LN1(x) + b1) + b2     token MLP as MatMuls from the left, no transposes
+    x = x + Tmlp(LN1(x)^T)^T                     token MLP unchanged (LN1 keeps its affine)
     x = x + fc2(gelu(fc1'(LN2'(x))))             LN2's gamma/beta -> fc1', LN2' without affine
 
 LN1's affine stays: gamma/beta act per channel while W1 is shared by all channels, so they
 could only move behind W1 as a per-channel scale + (t, C) bias table, which adds work.
 The final LN's gamma/beta enter the head through the token mean.
 
-Why this layout (Mixer-B/16 block, batch 8, 2 CPU threads, min of 60-240 interleaved runs):
-after ONNX export, onnxruntime runs the token MLP as MatMuls from the left in 17.4 ms vs
-26.5 ms with the transposes (which become Transpose copies), and LayerNormalization
-without affine in 0.36 vs 0.46 ms. PyTorch eager on CPU prefers the opposite (Linear on
-a transposed *view* 11.6 vs 14.2 ms; its affine-free LayerNorm path 0.46 vs 0.18 ms);
-the exported graph is what deploys, so it decides.
+Two exact lowerings of the same parameters, chosen at trace time (:func:`exporting`),
+because the backends prefer opposite layouts (Mixer-B/16 block, batch 8, CPU):
+
+- exported graph (ONNX / torch.export): the token MLP as MatMuls from the left,
+  ``x + W2 @ gelu(W1 @ LN1(x) + b1) + b2``, no transposes (onnxruntime 17.4 vs 26.5 ms: the
+  transposes become Transpose copies), and LN2' as an affine-free LayerNormalization
+  (0.36 vs 0.46 ms).
+- PyTorch eager: Linear on the transposed *views* as in the train form (a transpose is a
+  free view there; 11.6 vs 13.1 ms for the left MatMuls), and LN2' through the affine
+  LayerNorm kernel with gamma = 1 (exact: ``y * 1 == y``), which is the fast path (0.25 vs
+  0.47 ms for ``weight=None``).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
@@ -39,9 +45,27 @@ from .resmlp import (ChannelMlp, PatchStem, check_choice, count_blocks, fixed_in
 LN_EPS = 1e-6
 
 
-def _plain_layernorm(ln: nn.LayerNorm) -> nn.LayerNorm:
+def exporting() -> bool:
+    """True while a graph is being captured for deployment (dynamo or TorchScript ONNX export, torch.export)."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
+class PlainLayerNorm(nn.LayerNorm):
+    """LayerNorm without gamma/beta (they were folded into the next linear); (..., C) -> (..., C).
+
+    Exported as an affine-free LayerNorm; in eager it passes gamma = 1, made per call (C
+    floats, so no parameter, buffer or key is added): ``y * 1`` is exact and PyTorch's CPU
+    kernel with a weight is about 2x faster than its ``weight=None`` path.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if exporting() else x.new_ones(self.normalized_shape)
+        return F.layer_norm(x, self.normalized_shape, weight, None, self.eps)
+
+
+def _plain_layernorm(ln: nn.LayerNorm) -> PlainLayerNorm:
     """The same normalisation without gamma/beta (they have been folded into the next linear)."""
-    return nn.LayerNorm(ln.normalized_shape, ln.eps, elementwise_affine=False)
+    return PlainLayerNorm(ln.normalized_shape, ln.eps, elementwise_affine=False)
 
 
 class MixerBlock(nn.Module):
@@ -72,25 +96,34 @@ class MixerBlock(nn.Module):
 
 
 class MixerDeployBlock(nn.Module):
-    """Token MLP as ``W2 @ gelu(W1 @ x + b1) + b2`` on (B, N, C): broadcast MatMuls, no transposes.
+    """Token MLP, then channel MLP with LN2's affine folded into fc1; x (B, N, C) -> (B, N, C).
 
-    The token biases are stored as columns ((t, 1), (N, 1)) so they broadcast over channels.
+    Both lowerings of the token MLP below are the train form's arithmetic; see the module
+    docstring for why each backend gets its own.
     """
 
     def __init__(self, norm1: nn.LayerNorm, tok_fc1: nn.Linear, tok_fc2: nn.Linear,
-                 norm2: nn.LayerNorm, fc1: nn.Linear, fc2: nn.Linear):
+                 norm2: PlainLayerNorm, fc1: nn.Linear, fc2: nn.Linear):
         super().__init__()
         self.norm1 = norm1
         self.token_w1 = nn.Parameter(tok_fc1.weight.detach().clone())  # (t, N)
-        self.token_b1 = nn.Parameter(tok_fc1.bias.detach().reshape(-1, 1).clone())  # (t, 1)
+        self.token_b1 = nn.Parameter(tok_fc1.bias.detach().clone())  # (t,)
         self.token_w2 = nn.Parameter(tok_fc2.weight.detach().clone())  # (N, t)
-        self.token_b2 = nn.Parameter(tok_fc2.bias.detach().reshape(-1, 1).clone())  # (N, 1)
+        self.token_b2 = nn.Parameter(tok_fc2.bias.detach().clone())  # (N,)
         self.act = nn.GELU()
         self.norm2, self.fc1, self.fc2 = norm2, fc1, fc2
 
+    def token_mix(self, x: Tensor) -> Tensor:
+        """``W2 @ gelu(W1 @ LN1(x) + b1) + b2`` on (B, N, C)."""
+        y = self.norm1(x)
+        if exporting():  # broadcast MatMuls from the left, biases as columns: no Transpose nodes
+            h = self.act(torch.matmul(self.token_w1, y) + self.token_b1[:, None])
+            return torch.matmul(self.token_w2, h) + self.token_b2[:, None]
+        h = self.act(F.linear(y.transpose(1, 2), self.token_w1, self.token_b1))  # transposes are views here
+        return F.linear(h, self.token_w2, self.token_b2).transpose(1, 2)
+
     def forward(self, x: Tensor) -> Tensor:
-        h = self.act(torch.matmul(self.token_w1, self.norm1(x)) + self.token_b1)
-        x = x + torch.matmul(self.token_w2, h) + self.token_b2
+        x = x + self.token_mix(x)
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 

@@ -51,9 +51,7 @@ class ReparamReport:
 
 def count_params(model: nn.Module) -> int:
     """Parameters and persistent floating buffers (BN statistics count: they are weights to ship)."""
-    n = sum(p.numel() for p in model.parameters())
-    n += sum(b.numel() for name, b in model.named_buffers() if b.is_floating_point())
-    return n
+    return sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
 
 
 def count_flops(model: nn.Module, example: torch.Tensor) -> int:
