@@ -83,7 +83,7 @@ def scale_rows_cols_(
     rows: Tensor | None = None,
     cols: Tensor | None = None,
     col_shift: Tensor | None = None,
-    chunk_elems: int = 1 << 18,
+    chunk_elems: int = 1 << 16,
 ) -> Tensor | None:
     """In place: ``W[o, i] <- W[o, i] * rows[o] * cols[i]``; returns ``W_orig @ col_shift``.
 
