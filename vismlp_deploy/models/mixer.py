@@ -39,7 +39,7 @@ from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from .layers import clone_linear
 from .registry import CheckpointFormat, StateDict, register_config, register_format
-from .resmlp import (ChannelMlp, PatchStem, check_choice, count_blocks, fixed_input_size, fold_head_through_mean,
+from .resmlp import (TIMM_MLPMIXER_ARGS, ChannelMlp, PatchStem, check_choice, count_blocks, fixed_input_size, fold_head_through_mean,
                      image_hw, need, square_grid)
 
 LN_EPS = 1e-6
@@ -156,9 +156,6 @@ class MlpMixer(nn.Module):
 
 
 # ------------------------------------------------------------------ format
-_TIMM_KEYS = {"num_classes", "img_size", "in_chans", "patch_size", "num_blocks", "embed_dim", "mlp_ratio",
-              "block_layer", "norm_layer", "act_layer", "drop_rate", "proj_drop_rate", "drop_path_rate",
-              "stem_norm", "global_pool", "nlhb", "timm_model_name"}
 
 
 def _ratios(mlp_ratio: float | list | tuple) -> tuple[float, float]:
@@ -171,7 +168,7 @@ def _ratios(mlp_ratio: float | list | tuple) -> tuple[float, float]:
 
 def build_timm(config: dict) -> MlpMixer:
     """timm ``MlpMixer(...)`` arguments (default MixerBlock) -> model (drop rates: eval no-ops)."""
-    unknown = set(config) - _TIMM_KEYS
+    unknown = set(config) - TIMM_MLPMIXER_ARGS
     if unknown:
         raise TypeError(f"unexpected timm-mixer arguments {sorted(unknown)}")
     check_choice(config, "block_layer", ("MixerBlock",), "timm-mixer")

@@ -212,14 +212,15 @@ def _init_values(block_layer: str) -> float:
     return float(m.group(1)) if m.group(1) else 1e-4
 
 
-_TIMM_KEYS = {"num_classes", "img_size", "in_chans", "patch_size", "num_blocks", "embed_dim", "mlp_ratio",
+# timm builds ResMLP and Mixer with the same class, MlpMixer: these are its constructor arguments
+TIMM_MLPMIXER_ARGS = {"num_classes", "img_size", "in_chans", "patch_size", "num_blocks", "embed_dim", "mlp_ratio",
               "block_layer", "norm_layer", "act_layer", "drop_rate", "proj_drop_rate", "drop_path_rate",
               "stem_norm", "global_pool", "nlhb", "timm_model_name"}
 
 
 def build_timm(config: dict) -> ResMLP:
     """timm ``MlpMixer(block_layer=ResBlock, norm_layer=Affine, ...)`` arguments -> model (drop rates: eval no-ops)."""
-    unknown = set(config) - _TIMM_KEYS
+    unknown = set(config) - TIMM_MLPMIXER_ARGS
     if unknown:
         raise TypeError(f"unexpected timm-resmlp arguments {sorted(unknown)}")
     check_choice(config, "norm_layer", ("Affine",), "timm-resmlp")
