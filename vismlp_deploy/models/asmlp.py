@@ -29,7 +29,7 @@ from ..errors import CheckpointError
 from ..reparam import transforms as T
 from ..reparam.shift import shift_by_slicing
 from ..reparam.walker import ReparamContext
-from .layers import clone_conv, clone_linear
+from .layers import clone_conv, clone_linear, exporting
 from .registry import CheckpointFormat, StateDict, register_config, register_format
 
 GN_EPS = 1e-5
@@ -46,7 +46,10 @@ def roll_shift(x: Tensor, shift_size: int, dim: int) -> Tensor:
 
 
 class GroupNorm1(nn.Module):
-    """GroupNorm(1, C) as explicit reductions over (C, H, W); optional per-channel affine.
+    """GroupNorm(1, C) as explicit reductions over (C, H, W) in exported graphs; optional affine.
+
+    Eager PyTorch runs ``F.group_norm`` instead (same statistics: mean and biased variance
+    over C, H, W per sample); the export path is tested separately against the train form.
 
     x (N, C, H, W) -> same. ``-1`` reshapes keep the batch dimension symbolic in exports.
     """
@@ -58,6 +61,10 @@ class GroupNorm1(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone().reshape(1, -1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not exporting():  # eager: PyTorch's fused kernel computes the same statistics, faster
+            w = None if self.weight is None else self.weight.reshape(-1)
+            b = None if self.bias is None else self.bias.reshape(-1)
+            return F.group_norm(x, 1, w, b, self.eps)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         xc = x - mean
         var = (xc * xc).mean(dim=(1, 2, 3), keepdim=True)

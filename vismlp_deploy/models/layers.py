@@ -8,6 +8,13 @@ from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 
 
+def exporting() -> bool:
+    """True while a graph is being captured for deployment (dynamo or TorchScript ONNX export,
+    torch.export). Deploy modules use it to pick the lowering that is fastest for the target:
+    eager PyTorch and an exported graph favour different (equally exact) op sequences."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
+
+
 def clone_conv(conv: nn.Conv2d | nn.Conv1d, weight: Tensor, bias: Tensor | None) -> nn.Module:
     """A conv with ``conv``'s hyper-parameters holding the given tensors (not copied: pass
     fresh ones); padding='same' is made explicit."""

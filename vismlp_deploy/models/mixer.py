@@ -37,17 +37,12 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
-from .layers import clone_linear
+from .layers import clone_linear, exporting
 from .registry import CheckpointFormat, StateDict, register_config, register_format
 from .resmlp import (TIMM_MLPMIXER_ARGS, ChannelMlp, PatchStem, check_choice, count_blocks, fixed_input_size, fold_head_through_mean,
                      image_hw, need, square_grid)
 
 LN_EPS = 1e-6
-
-
-def exporting() -> bool:
-    """True while a graph is being captured for deployment (dynamo or TorchScript ONNX export, torch.export)."""
-    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 class PlainLayerNorm(nn.LayerNorm):
