@@ -107,7 +107,7 @@ def write_markdown(result: BenchResult, path: Path, *, command: str, csv_name: s
     lines = ["# Benchmarks", "", *(intro or []),
              "## How these numbers were made", "", "```", command, "```", "",
              f"- CPU: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs), {m.get('threads')} threads for torch and ONNX Runtime; "
-             f"1-minute load average at the start: {m.get('load_average')} (above the thread count = the CPUs were shared)",
+             f"1-minute load average at the start: {m.get('load_average')} (a value above the thread count would mean the CPUs were shared)",
              *([f"- GPU: {m['gpu']} (CUDA {m.get('cuda')}, TF32 matmul {m.get('tf32_matmul')})"] if m.get("gpu") else []),
              f"- {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}, "
              f"onnx {m.get('onnx')}, vismlp-deploy {m.get('vismlp_deploy')}",
