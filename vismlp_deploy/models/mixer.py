@@ -39,7 +39,7 @@ from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from .layers import clone_linear, exporting
 from .registry import CheckpointFormat, StateDict, register_config, register_format
-from .resmlp import (TIMM_MLPMIXER_ARGS, ChannelMlp, PatchStem, check_choice, count_blocks, fixed_input_size, fold_head_through_mean,
+from .resmlp import (ChannelMlp, PatchStem, check_timm_args, count_blocks, fixed_input_size, fold_head_through_mean,
                      image_hw, need, square_grid)
 
 LN_EPS = 1e-6
@@ -163,13 +163,7 @@ def _ratios(mlp_ratio: float | list | tuple) -> tuple[float, float]:
 
 def build_timm(config: dict) -> MlpMixer:
     """timm ``MlpMixer(...)`` arguments (default MixerBlock) -> model (drop rates: eval no-ops)."""
-    unknown = set(config) - TIMM_MLPMIXER_ARGS
-    if unknown:
-        raise TypeError(f"unexpected timm-mixer arguments {sorted(unknown)}")
-    check_choice(config, "block_layer", ("MixerBlock",), "timm-mixer")
-    check_choice(config, "act_layer", ("GELU",), "timm-mixer")
-    check_choice(config, "stem_norm", (False,), "timm-mixer")
-    check_choice(config, "global_pool", ("avg",), "timm-mixer")
+    check_timm_args(config, "timm-mixer", block_layer=("MixerBlock",))
     return MlpMixer(config.get("img_size", 224), config.get("patch_size", 16), config.get("in_chans", 3),
                     config.get("num_classes", 1000), config.get("embed_dim", 512), config.get("num_blocks", 8),
                     _ratios(config.get("mlp_ratio", (0.5, 4.0))))

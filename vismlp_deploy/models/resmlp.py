@@ -218,15 +218,18 @@ TIMM_MLPMIXER_ARGS = {"num_classes", "img_size", "in_chans", "patch_size", "num_
               "stem_norm", "global_pool", "nlhb", "timm_model_name"}
 
 
-def build_timm(config: dict) -> ResMLP:
-    """timm ``MlpMixer(block_layer=ResBlock, norm_layer=Affine, ...)`` arguments -> model (drop rates: eval no-ops)."""
+def check_timm_args(config: dict, fmt: str, **choices: tuple) -> None:
+    """Refuse timm MlpMixer arguments this package does not model, instead of ignoring them."""
     unknown = set(config) - TIMM_MLPMIXER_ARGS
     if unknown:
-        raise TypeError(f"unexpected timm-resmlp arguments {sorted(unknown)}")
-    check_choice(config, "norm_layer", ("Affine",), "timm-resmlp")
-    check_choice(config, "act_layer", ("GELU",), "timm-resmlp")
-    check_choice(config, "stem_norm", (False,), "timm-resmlp")
-    check_choice(config, "global_pool", ("avg",), "timm-resmlp")
+        raise TypeError(f"unexpected {fmt} arguments {sorted(unknown)}")
+    for key, allowed in {"act_layer": ("GELU",), "stem_norm": (False,), "global_pool": ("avg",), **choices}.items():
+        check_choice(config, key, allowed, fmt)
+
+
+def build_timm(config: dict) -> ResMLP:
+    """timm ``MlpMixer(block_layer=ResBlock, norm_layer=Affine, ...)`` arguments -> model (drop rates: eval no-ops)."""
+    check_timm_args(config, "timm-resmlp", norm_layer=("Affine",))
     mlp_ratio = config.get("mlp_ratio", 4)
     if isinstance(mlp_ratio, (list, tuple)):  # ResBlock takes a scalar ratio
         raise ValueError(f"timm-resmlp: mlp_ratio must be a number, got {mlp_ratio!r}")
