@@ -54,7 +54,7 @@ def _reference(case: dict, dtype: torch.dtype, deploy: bool) -> torch.Tensor:
     key = "output" if dtype == torch.float32 else "output_fp64"
     # repmlp_block.pt stores the upstream's *wrong* deploy output (in != out channels bug):
     # a correct converter must reproduce the train-time output there.
-    if deploy and case.get("official_deploy_matches_train", True) and f"output_official_deploy" in case:
+    if deploy and case.get("official_deploy_matches_train", True) and "output_official_deploy" in case:
         key = "output_official_deploy" if dtype == torch.float32 else "output_official_deploy_fp64"
     return case[key]
 

@@ -285,7 +285,7 @@ def merge_1x1_kxk(
     if w1.shape[-2:] != (1, 1):
         raise NotExactError("first conv of a 1x1->kxk merge must be 1x1")
     pads = (padding2, padding2) if isinstance(padding2, int) else tuple(padding2)
-    mid, cpg = w1.shape[0], w1.shape[1]
+    mid = w1.shape[0]
     out, mpg = w2.shape[0], w2.shape[1]
     if mid != mpg * groups:
         raise NotExactError(f"channel mismatch: 1x1 gives {mid}, kxk expects {mpg * groups}")
