@@ -90,8 +90,9 @@ class RepMLP(nn.Module):
             ctx.folded("BatchNorm2d->Linear (through avg pool)", "avg.bn")
         # fc3_bn normalises each of the O*h*w features: a per-row affine of the fc3 matrix
         bn = self.fc3_bn
-        w, b = T.fold_bn_after(self.fc3.weight, None, bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
-        w64, b64 = w.double(), b.double()
+        s, b64 = T.bn_scale_shift(bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+        w = self.fc3.weight
+        w64 = w.detach().double() * s.reshape(-1, 1, 1, 1)  # kept in float64 until the one final cast
         ctx.folded("BatchNorm1d->fc3", "fc3_bn")
         if self.ks:
             branches = []
