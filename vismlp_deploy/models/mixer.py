@@ -40,7 +40,7 @@ from ..reparam.walker import ReparamContext
 from .layers import clone_linear, exporting
 from .registry import CheckpointFormat, StateDict, register_config, register_format
 from .resmlp import (ChannelMlp, PatchStem, check_timm_args, count_blocks, fixed_input_size, fold_head_through_mean,
-                     image_hw, need, square_grid)
+                     need, square_grid, token_count)
 
 LN_EPS = 1e-6
 
@@ -128,10 +128,7 @@ class MlpMixer(nn.Module):
     def __init__(self, img_size: int | tuple = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 512, num_blocks: int = 8, mlp_ratio: tuple[float, float] = (0.5, 4.0)):
         super().__init__()
-        h, w = image_hw(img_size)
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        seq_len = (h // patch_size) * (w // patch_size)
+        seq_len = token_count(img_size, patch_size)
         self.stem = PatchStem(in_chans, embed_dim, patch_size)
         self.blocks = nn.Sequential(*[MixerBlock(embed_dim, seq_len, mlp_ratio) for _ in range(num_blocks)])
         self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)

@@ -39,6 +39,14 @@ def image_hw(img_size: int | list | tuple) -> tuple[int, int]:
     return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
 
 
+def token_count(img_size: int | list | tuple, patch_size: int) -> int:
+    """Tokens of a patch stem (the token linears are sized by it, so the input size is fixed)."""
+    h, w = image_hw(img_size)
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
+    return (h // patch_size) * (w // patch_size)
+
+
 class PatchStem(nn.Module):
     """Patch conv (kernel = stride = patch, with bias) then (B, C, H', W') -> (B, N, C), row-major tokens."""
 
@@ -179,10 +187,7 @@ class ResMLP(nn.Module):
     def __init__(self, img_size: int | tuple = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 384, depth: int = 12, mlp_ratio: float = 4, init_values: float = 1e-4):
         super().__init__()
-        h, w = image_hw(img_size)
-        if h % patch_size or w % patch_size:
-            raise ValueError(f"img_size {img_size} is not a multiple of patch_size {patch_size}")
-        seq_len = (h // patch_size) * (w // patch_size)
+        seq_len = token_count(img_size, patch_size)
         self.stem = PatchStem(in_chans, embed_dim, patch_size)
         self.blocks = nn.Sequential(*[ResBlock(embed_dim, seq_len, mlp_ratio, init_values) for _ in range(depth)])
         self.norm = Affine(embed_dim)
