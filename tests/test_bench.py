@@ -10,11 +10,12 @@ import json
 import pytest
 
 from tiny_model import tiny, tiny_checkpoint
+from vismlp_deploy.bench.peak import ort_gemm_peak
 from vismlp_deploy.bench.report import CSV_FIELDS, write_csv, write_markdown, write_png
 from vismlp_deploy.bench.run import bench
-from vismlp_deploy.bench.sweep import BenchResult, Ratio
+from vismlp_deploy.bench.sweep import BenchResult, Ratio, Record
 from vismlp_deploy.bench.targets import target_lines
-from vismlp_deploy.bench.timing import Candidate, Clock, Timing, measure
+from vismlp_deploy.bench.timing import Candidate, Clock, Timing, measure, paired_ratios
 from vismlp_deploy.cli import main
 
 RECORD_FIELDS = {"backend", "form", "batch", "precision", "device", "images_per_sec", "latency_ms", "gflops_per_sec"}
@@ -43,6 +44,15 @@ def test_measure_interleaves_and_rotates():
     assert all(len(t.samples) == 4 for t in timings.values())
 
 
+def test_paired_ratios_cancel_drift():
+    # the machine slows down 3x over the rounds; deploy is 2x faster within every round
+    train = Timing([0.2, 0.4, 0.6])
+    deploy = Timing([0.1, 0.2, 0.3])
+    assert paired_ratios(train, deploy).samples == pytest.approx([2.0, 2.0, 2.0])
+    with pytest.raises(ValueError):
+        paired_ratios(train, Timing([0.1]))
+
+
 def test_records_ratios_and_peak(result):
     assert len(result.records) == 2 * 2 * 2  # backends that ran × forms × batch sizes
     for r in result.records:
@@ -50,10 +60,14 @@ def test_records_ratios_and_peak(result):
         assert RECORD_FIELDS <= set(d) and set(d["latency_ms"]) == {"median", "p90", "p99"}
         assert d["images_per_sec"] == pytest.approx(r.batch / (d["latency_ms"]["median"] / 1e3))
         assert r.gflops_per_sec > 0 and r.fraction_of_peak == pytest.approx(r.gflops_per_sec / result.gemm_peak_gflops)
-    ips = {(r.backend, r.form, r.batch): r.images_per_sec for r in result.records}
+    recs = {(r.backend, r.form, r.batch): r for r in result.records}
     assert len(result.ratios) == 4
     for q in result.ratios:
-        assert q.deploy_over_train == pytest.approx(ips[(q.backend, "deploy", q.batch)] / ips[(q.backend, "train", q.batch)])
+        assert q.q25 <= q.deploy_over_train <= q.q75
+        train, deploy = recs[(q.backend, "train", q.batch)], recs[(q.backend, "deploy", q.batch)]
+        # deploy at the GEMM peak: its FLOPs per batch / peak, against the measured train time
+        best_deploy_s = q.batch * deploy.flops_per_image / (result.gemm_peak_gflops * 1e9)
+        assert q.gemm_bound == pytest.approx(train.latency_ms["median"] / 1e3 / best_deploy_s)
     assert result.gemm_peak_gflops > 0
     # TensorRT cannot run on CPU: reported, not silently dropped
     assert {(s.backend, s.form) for s in result.skipped} == {("tensorrt", "train"), ("tensorrt", "deploy")}
@@ -77,14 +91,28 @@ def test_csv_png_markdown(result, tmp_path):
 
 
 def test_targets_report_what_was_measured(result):
-    slow = Ratio("Tiny", "torch", 8, "fp32", 0.9)
+    slow = Ratio("Tiny", "torch", 8, "fp32", 0.9, 0.85, 0.95)
     lines = target_lines(BenchResult(records=result.records, ratios=[*result.ratios, slow], machine=result.machine))
     text = "\n".join(lines)
     # the tiny model's own ratios are timing noise: count them, do not assume them
     fast = sum(r.deploy_over_train >= 1.0 for r in result.ratios)
     assert f"{fast} of {len(result.ratios) + 1} measured ratios are ≥ 1.0" in text
-    assert "| Tiny | torch | fp32 | 8 | 0.900 |" in text
+    assert "| Tiny | torch | fp32 | 8 | 0.900 | 0.850 – 0.950 |" in text
     assert "| resmlp_12 | not measured |" in text
+
+
+def test_ratio_target_against_gemm_bound(result):
+    def rec(form, ips):
+        return Record("resmlp_12", "resmlp", "onnxruntime", form, 8, "fp32", "cpu", [3, 224, 224], ips,
+                      {"median": 8e3 / ips, "p90": 0, "p99": 0}, 0.0, 3, 10**9, None, None)
+
+    ratios = [Ratio("resmlp_12", "onnxruntime", 8, "fp32", 1.05, 1.0, 1.1, gemm_bound=1.08)]
+    text = "\n".join(target_lines(BenchResult(records=[rec("train", 10.0), rec("deploy", 10.5)], ratios=ratios,
+                                               machine={"device": "cpu"})))
+    assert "| resmlp_12 | resmlp | 1.05 | 1.00 – 1.10 | 1.08 | ≥ 1.1 | **not met** (target above the GEMM bound) |" in text
+    ratios[0].gemm_bound = 1.5
+    text = "\n".join(target_lines(BenchResult(records=[rec("train", 10.0)], ratios=ratios, machine={"device": "cpu"})))
+    assert "| 1.50 | ≥ 1.1 | **not met** |" in text
 
 
 def test_cli_bench_json_csv_png(tmp_path, capsys):
@@ -107,3 +135,28 @@ def test_cli_bench_bad_arguments_exit_2(capsys):
     with pytest.raises(SystemExit) as e:
         main(["bench", "resmlp_12", "--batch-sizes", "0"])
     assert e.value.code == 2
+
+
+def test_ort_gemm_peak_measures_mlas():
+    peak = ort_gemm_peak(sizes=(128,), repeats=2, threads=1)
+    assert peak.gflops > 0 and peak.kernel == "onnxruntime MatMul" and peak.size == 128
+
+
+def test_bench_zoo_exports_ahead_then_times(tmp_path, monkeypatch, capsys):
+    """`bench zoo`: ONNX files come from the worker pool (the sweep exports nothing itself), reports are written."""
+    import vismlp_deploy.export.onnx as onnx_export
+
+    def no_export(*a, **k):
+        raise AssertionError("the sweep exported in-process: the pool's files were not used")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    rc = main(["bench", "zoo", "--models", "mixer_s32", "--backends", "onnxruntime", "--threads", "1",
+               "--repeats", "3", "--warmup", "1", "--max-time", "0.1", "--export-workers", "1",
+               "--out-dir", str(tmp_path), "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert rc == 0 and not doc["skipped"], doc["skipped"]
+    assert {(r["form"], r["batch"]) for r in doc["results"]} == {("train", 8), ("deploy", 8)}
+    assert doc["gemm_peaks"]["fp32"]["kernel"] in ("torch.mm", "onnxruntime MatMul")
+    rows = list(csv.DictReader(open(tmp_path / "benchmarks.csv")))
+    assert len(rows) == 2 and all(float(r["gemm_bound"]) > 0 for r in rows)
+    assert "mixer_s32" in (tmp_path / "benchmarks.md").read_text() and (tmp_path / "benchmarks.png").exists()

@@ -1,8 +1,10 @@
 """The GEMM peak of this machine, measured in the same run as the models.
 
-A large square ``torch.mm`` is the best case for every dense kernel a deploy model runs
-(convs and linears lower to GEMMs), so ``achieved GFLOP/s / GEMM peak`` says how far a
-form is from the limit of this machine at this thread count and precision.
+A large square GEMM is the best case for every dense kernel a deploy model runs (convs and
+linears lower to GEMMs), so ``achieved GFLOP/s / GEMM peak`` says how far a form is from the
+limit of this machine at this thread count and precision. Each backend brings its own GEMM
+library (torch: oneDNN/MKL, ONNX Runtime: MLAS), so the peak is measured with ``torch.mm``
+and, on CPU in fp32, with an ONNX Runtime ``MatMul`` too; the best of them is the limit.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ class GemmPeak:
     precision: str
     device: str
     threads: int
+    kernel: str = "torch.mm"  # what reached it: "torch.mm" or "onnxruntime MatMul"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -46,6 +49,36 @@ def gemm_peak(device: str = "cpu", precision: str = "fp32", sizes: tuple[int, ..
             if rate > best:
                 best, best_n = rate, n
     return GemmPeak(best, best_n, precision, device, torch.get_num_threads())
+
+
+def ort_gemm_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5, threads: int | None = None) -> GemmPeak:
+    """:func:`gemm_peak` for ONNX Runtime's CPU ``MatMul`` (fp32; B a constant, as model weights are)."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    best, best_n = 0.0, sizes[0]
+    for n in sizes:
+        rng = np.random.default_rng(n)
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "b")
+        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
+                                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
+                                  [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], [b])
+        # IR version 8 (opset 17): old enough for every onnxruntime this package supports
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        session.run(None, {"a": a})  # warm-up: B pre-packing, thread pool
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            session.run(None, {"a": a})
+            rate = 2 * n**3 / (time.perf_counter() - t0) / 1e9
+            if rate > best:
+                best, best_n = rate, n
+    return GemmPeak(best, best_n, "fp32", "cpu", threads or 0, "onnxruntime MatMul")
 
 
 def _sync(device: str) -> None:

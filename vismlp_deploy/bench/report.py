@@ -5,15 +5,16 @@ import csv
 import math
 from pathlib import Path
 
-from .sweep import BenchResult, Record
+from .sweep import BenchResult, Ratio, Record
 
 CSV_FIELDS = ("model", "family", "backend", "form", "batch", "precision", "device", "input_size", "images_per_sec",
               "latency_ms_median", "latency_ms_p90", "latency_ms_p99", "spread", "repeats", "flops_per_image",
-              "gflops_per_sec", "fraction_of_peak", "deploy_over_train")
+              "gflops_per_sec", "fraction_of_peak", "deploy_over_train", "deploy_over_train_q25",
+              "deploy_over_train_q75", "gemm_bound")
 
 
-def _ratio_index(result: BenchResult) -> dict[tuple, float]:
-    return {(r.model, r.backend, r.batch, r.precision): r.deploy_over_train for r in result.ratios}
+def _ratio_index(result: BenchResult) -> dict[tuple, Ratio]:
+    return {(r.model, r.backend, r.batch, r.precision): r for r in result.ratios}
 
 
 def write_csv(result: BenchResult, path: Path) -> None:
@@ -29,8 +30,11 @@ def write_csv(result: BenchResult, path: Path) -> None:
             row["spread"] = round(r.spread, 4)
             row["gflops_per_sec"] = None if r.gflops_per_sec is None else round(r.gflops_per_sec, 3)
             row["fraction_of_peak"] = None if r.fraction_of_peak is None else round(r.fraction_of_peak, 4)
-            ratio = ratios.get((r.model, r.backend, r.batch, r.precision))
-            row["deploy_over_train"] = None if ratio is None else round(ratio, 4)
+            q = ratios.get((r.model, r.backend, r.batch, r.precision))
+            if q is not None:
+                row.update(deploy_over_train=round(q.deploy_over_train, 4), deploy_over_train_q25=round(q.q25, 4),
+                           deploy_over_train_q75=round(q.q75, 4),
+                           gemm_bound=None if q.gemm_bound is None else round(q.gemm_bound, 4))
             w.writerow(row)
 
 
@@ -90,7 +94,8 @@ def records_table(result: BenchResult) -> list[str]:
              "|---|---|---|--:|--:|--:|--:|--:|--:|--:|"]
     for (model, backend, precision, batch), forms in by_key.items():
         t, d = forms.get("train"), forms.get("deploy")
-        ratio = ratios.get((model, backend, batch, precision))
+        q = ratios.get((model, backend, batch, precision))
+        ratio = q and q.deploy_over_train
         lat = f"{d.latency_ms['median']:.2f} / {d.latency_ms['p99']:.2f}" if d else "–"
         lines.append(f"| {model} | {backend} | {precision} | {batch} | {_fmt(t and t.images_per_sec, '.1f')} "
                      f"| {_fmt(d and d.images_per_sec, '.1f')} | {_fmt(ratio, '.2f')} | {lat} "
@@ -102,7 +107,7 @@ def records_table(result: BenchResult) -> list[str]:
 def write_markdown(result: BenchResult, path: Path, *, command: str, csv_name: str, png_name: str,
                    intro: list[str] | None = None, targets: list[str] | None = None) -> None:
     m = result.machine
-    peaks = ", ".join(f"{p}: {pk.gflops:.1f} GFLOP/s (n={pk.size})" for p, pk in result.peaks.items())
+    peaks = ", ".join(f"{p}: {pk.gflops:.1f} GFLOP/s ({pk.kernel}, n={pk.size})" for p, pk in result.peaks.items())
     s = result.settings
     lines = ["# Benchmarks", "", *(intro or []),
              "## How these numbers were made", "", "```", command, "```", "",
@@ -111,10 +116,12 @@ def write_markdown(result: BenchResult, path: Path, *, command: str, csv_name: s
              *([f"- GPU: {m['gpu']} (CUDA {m.get('cuda')}, TF32 matmul {m.get('tf32_matmul')})"] if m.get("gpu") else []),
              f"- {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}, "
              f"onnx {m.get('onnx')}, vismlp-deploy {m.get('vismlp_deploy')}",
-             f"- GEMM peak measured in the same run, at its start and end (`torch.mm`, square, best of sizes × repeats): {peaks}",
+             f"- GEMM peak measured in the same run, at its start and end (square `torch.mm`, and ONNX Runtime `MatMul` "
+             f"when it is benchmarked; best of kernels × sizes × repeats): {peaks}",
              f"- timing: {s.get('warmup')} warm-up calls per form, then up to {s.get('repeats')} interleaved rounds "
              f"(at least {s.get('min_repeats')}, stopping after {s.get('max_time_s')} s per group); train and deploy "
-             "forms alternate call by call, so `deploy/train` is a ratio measured under the same conditions",
+             "forms alternate call by call, and `deploy/train` is the median of the per-round ratios (train time / "
+             "deploy time of calls made back to back), so machine drift cancels inside each ratio",
              "- inputs: seeded N(0, 1) images at the model's input size; weights: `randomize_` (seed 0) for named configs",
              "- GFLOP/s: each form's own FLOPs per image (torch's FlopCounterMode, 2 per multiply-add; "
              "convolutions and matmuls only) × images/s",

@@ -1,12 +1,14 @@
 """Python API: ``bench(model_or_spec, ...)`` and ``bench_zoo(...)`` -> :class:`BenchResult`."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
 from torch import nn
 
 from ..verify.source import Source, from_named_config, from_train, load_source
+from .exports import export_ahead, onnx_paths
 from .sweep import BenchResult, SweepConfig, run_sweep
 
 
@@ -34,10 +36,23 @@ def zoo_names(families: list[str] | None = None) -> list[str]:
 
 
 def bench_zoo(names: list[str], *, seed: int = 0, on_step: Callable[[str, int], None] | None = None,
+              export_workers: int | None = None, on_export: Callable[[str, int], None] | None = None,
               **settings) -> BenchResult:
-    """Sweep the named configs one after the other (each built, measured and freed in turn)."""
+    """Sweep the named configs one after the other (each built, measured and freed in turn).
+
+    When an ONNX backend is asked for, every config is exported first by ``export_workers``
+    processes (see :mod:`.exports`; ``on_export(name, total)`` reports progress), so the
+    sequential part is the timing alone.
+    """
+    cfg = SweepConfig(seed=seed, **settings)
+
     def sources() -> Iterator[Source]:
         for name in names:
             yield from_named_config(name, seed)
 
-    return run_sweep(sources(), SweepConfig(seed=seed, **settings), len(names), on_step)
+    if not {"onnxruntime", "tensorrt"} & set(cfg.backends):
+        return run_sweep(sources(), cfg, len(names), on_step)
+    with tempfile.TemporaryDirectory(prefix="vismlp-zoo-onnx-") as tmp:
+        out_dir = Path(tmp)
+        export_ahead(names, seed, out_dir, export_workers, on_export)
+        return run_sweep(sources(), cfg, len(names), on_step, lambda name: onnx_paths(out_dir, name))

@@ -1,7 +1,8 @@
 """The sweep: sources × backend × precision × batch size, train and deploy forms interleaved.
 
 For each (backend, precision, batch) the forms run interleaved in one :func:`measure`
-call, so ``deploy_over_train`` is a ratio taken under the same machine conditions.
+call, so ``deploy_over_train`` (the median of per-round ratios) is taken under the same
+machine conditions.
 Achieved GFLOP/s = FLOPs of the form per image (``count_flops``, 2 per MAC; each form's
 own count, the work that form really does) × images/s, read against a GEMM peak
 measured at the start and end of the same run (the best) with the same threads and precision.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -20,14 +22,15 @@ from ..verify.source import Source
 from ..verify.runners import RunnerFactory, Unavailable
 from .calls import candidate
 from .machine import machine_info
-from .peak import GemmPeak, gemm_peak
-from .timing import measure
+from .peak import GemmPeak, gemm_peak, ort_gemm_peak
+from .timing import measure, paired_ratios
 
 
 @dataclass
 class SweepConfig:
     backends: tuple[str, ...] = ("torch", "onnxruntime")
     batch_sizes: tuple[int, ...] = (1, 8, 32)
+    extra_batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # source name -> more batches
     precisions: tuple[str, ...] = ("fp32",)
     device: str = "cpu"
     threads: int | None = None  # CPU threads for torch and ORT (default: torch's current count)
@@ -68,7 +71,12 @@ class Ratio:
     backend: str
     batch: int
     precision: str
-    deploy_over_train: float  # images/s of deploy / images/s of train, measured interleaved
+    deploy_over_train: float  # median over rounds of train time / deploy time (each round: one call of each)
+    q25: float  # quartiles of those per-round ratios: the round-to-round noise of the estimate
+    q75: float
+    # the ratio a form doing the deploy form's FLOPs would reach at the measured GEMM peak: the
+    # most any exact deploy form can gain on this backend and machine (no kernel beats the peak)
+    gemm_bound: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,49 +117,64 @@ class BenchResult:
 
 
 def run_sweep(sources: Iterable[Source], cfg: SweepConfig, n_sources: int = 1,
-              on_step: Callable[[str, int], None] | None = None) -> BenchResult:
+              on_step: Callable[[str, int], None] | None = None,
+              exported: Callable[[str], dict[str, Path]] | None = None) -> BenchResult:
     """Measure every source (consumed lazily, so a zoo never holds more than one model).
 
     ``on_step(description, total_steps)`` is called before each measured group (progress bar).
+    ``exported(name)``: ONNX files already made for that source (form -> path), if any.
     """
     previous = torch.get_num_threads()
     try:
-        return _run(sources, cfg, n_sources, on_step)
+        return _run(sources, cfg, n_sources, on_step, exported or (lambda name: {}))
     finally:
         torch.set_num_threads(previous)
 
 
-def _run(sources, cfg: SweepConfig, n_sources: int, on_step) -> BenchResult:
+def _run(sources, cfg: SweepConfig, n_sources: int, on_step, exported) -> BenchResult:
     threads = _set_threads(cfg)
     result = BenchResult(machine=machine_info(cfg.device, threads), settings={**asdict(cfg), "threads": threads})
     peak_sizes = cfg.peak_sizes or ((1024, 2048) if cfg.device == "cpu" else (4096, 8192))
-    _measure_peaks(cfg, peak_sizes, result)
-    total = n_sources * len(cfg.backends) * len(cfg.precisions) * len(cfg.batch_sizes)
+    _measure_peaks(cfg, peak_sizes, result, threads)
+    extra = sum(len(set(b) - set(cfg.batch_sizes)) for b in cfg.extra_batch_sizes.values())
+    total = (n_sources * len(cfg.batch_sizes) + extra) * len(cfg.backends) * len(cfg.precisions)
     for source in sources:
         with tempfile.TemporaryDirectory(prefix="vismlp-bench-") as workdir:
-            _sweep_one(source, cfg, RunnerFactory(source, cfg.device, workdir, threads, max(cfg.batch_sizes)), result,
+            factory = RunnerFactory(source, cfg.device, workdir, threads, max(_batches(cfg, source.name)),
+                                    exported(source.name))
+            _sweep_one(source, cfg, factory, result,
                        lambda desc: on_step(desc, total) if on_step else None)
-    _measure_peaks(cfg, peak_sizes, result)  # again at the end: the best of both, if the load changed
+    _measure_peaks(cfg, peak_sizes, result, threads)  # again at the end: the best of both, if the load changed
     _fill_fractions(result)
     return result
 
 
-def _measure_peaks(cfg: SweepConfig, sizes: tuple[int, ...], result: BenchResult) -> None:
+def _measure_peaks(cfg: SweepConfig, sizes: tuple[int, ...], result: BenchResult, threads: int) -> None:
     for p in cfg.precisions:
         try:
-            peak = gemm_peak(cfg.device, p, sizes=sizes)
+            peaks = [gemm_peak(cfg.device, p, sizes=sizes)]
+            if cfg.device == "cpu" and p == "fp32" and "onnxruntime" in cfg.backends:
+                peaks.append(ort_gemm_peak(sizes, threads=threads))
         except RuntimeError as e:  # e.g. a dtype without a GEMM kernel on this device
             if not any(s.model == "gemm-peak" and s.precision == p for s in result.skipped):
                 result.skipped.append(Skip("gemm-peak", "torch", p, "-", None, str(e).splitlines()[0]))
             continue
-        if p not in result.peaks or peak.gflops > result.peaks[p].gflops:
-            result.peaks[p] = peak
+        for peak in peaks:
+            if p not in result.peaks or peak.gflops > result.peaks[p].gflops:
+                result.peaks[p] = peak
 
 
 def _fill_fractions(result: BenchResult) -> None:
     for r in result.records:
         peak = result.peaks.get(r.precision)
         r.fraction_of_peak = r.gflops_per_sec / peak.gflops if r.gflops_per_sec is not None and peak else None
+    forms = {(r.model, r.backend, r.batch, r.precision, r.form): r for r in result.records}
+    for q in result.ratios:
+        train, deploy = (forms.get((q.model, q.backend, q.batch, q.precision, f)) for f in ("train", "deploy"))
+        peak = result.peaks.get(q.precision)
+        if train and deploy and deploy.flops_per_image and peak:
+            # train time / (deploy FLOPs at the peak) = peak / (deploy FLOPs per image × train images/s)
+            q.gemm_bound = peak.gflops * 1e9 / (deploy.flops_per_image * train.images_per_sec)
 
 
 def _set_threads(cfg: SweepConfig) -> int:
@@ -188,10 +211,14 @@ def _sweep_one(source: Source, cfg: SweepConfig, factory: RunnerFactory, result:
                     result.skipped.append(Skip(source.name, backend, precision, form, None, _why(e)))
             if not factory.forms(backend):
                 result.skipped.append(Skip(source.name, backend, precision, "-", None, "no torch form in an ONNX file"))
-            for batch in cfg.batch_sizes:
+            for batch in _batches(cfg, source.name):
                 step(f"{source.name} {backend} {precision} batch {batch}")
                 _measure_group(source, family, backend, precision, batch, runners, flops, cfg, result)
             del runners
+
+
+def _batches(cfg: SweepConfig, name: str) -> list[int]:
+    return sorted({*cfg.batch_sizes, *cfg.extra_batch_sizes.get(name, ())})
 
 
 def _measure_group(source, family, backend, precision, batch, runners, flops, cfg: SweepConfig, result: BenchResult) -> None:
@@ -217,7 +244,9 @@ def _measure_group(source, family, backend, precision, batch, runners, flops, cf
                                      list(source.input_size), ips[form],
                                      t.latency_ms(), t.spread, len(t.samples), f, gf, None))
     if "train" in ips and "deploy" in ips:
-        result.ratios.append(Ratio(source.name, backend, batch, precision, ips["deploy"] / ips["train"]))
+        per_round = paired_ratios(timings["train"], timings["deploy"])
+        result.ratios.append(Ratio(source.name, backend, batch, precision, per_round.median,
+                                   per_round.quantile(0.25), per_round.quantile(0.75)))
 
 
 def _why(e: Exception) -> str:

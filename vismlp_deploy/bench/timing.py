@@ -42,6 +42,18 @@ class Timing:
         return {"median": 1e3 * self.median, "p90": 1e3 * self.quantile(0.9), "p99": 1e3 * self.quantile(0.99)}
 
 
+def paired_ratios(slow: Timing, fast: Timing) -> Timing:
+    """Per-round ratios ``slow / fast`` of two candidates timed in the same rounds of :func:`measure`.
+
+    Each ratio compares two calls made back to back, so drift between rounds (frequency,
+    other tenants) cancels inside it; their median is the speed-up estimate and their
+    quartiles show how much it moves from round to round.
+    """
+    if len(slow.samples) != len(fast.samples):
+        raise ValueError("paired ratios need timings from the same rounds")
+    return Timing([s / f for s, f in zip(slow.samples, fast.samples)])
+
+
 class Clock:
     """Times one call on the host: ``sync`` (the backend's synchronize) closes the interval."""
 

@@ -14,8 +14,9 @@ from .common import console, print_json
 from .verify_cmd import add_source_arguments, source_from_args
 
 # `bench zoo` on a 2-core CPU: ONNX Runtime and eager torch, fp32, the batches the targets are stated at
-# (8: deploy/train ratios, 16: fraction of the GEMM peak), 3 rounds minimum and a capped measuring time
-ZOO_DEFAULTS = {"backends": "onnxruntime,torch", "batch_sizes": "8,16", "repeats": 3, "max_time": 2.0, "warmup": 1}
+# (8: deploy/train ratios for every config; 16 in addition for the models of the GEMM-peak target),
+# 3 rounds minimum and a capped measuring time
+ZOO_DEFAULTS = {"backends": "onnxruntime,torch", "batch_sizes": "8", "repeats": 5, "max_time": 2.0, "warmup": 1}
 DEFAULTS = {"backends": "torch,torch-compile,onnxruntime,tensorrt", "batch_sizes": "1,8,32", "repeats": 10,
             "max_time": 10.0, "warmup": 2}
 
@@ -33,7 +34,8 @@ def _ints(text: str) -> tuple[int, ...]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_source_arguments(p)
     p.epilog = ("MODEL 'zoo' sweeps every named config (--families to narrow) and writes benchmarks.md/.csv/.png "
-                f"into --out-dir; its defaults: {ZOO_DEFAULTS}")
+                f"into --out-dir; its defaults: {ZOO_DEFAULTS}, plus batch 16 for the models of the GEMM-peak "
+                "target unless --batch-sizes is given")
     p.add_argument("--backends", help=f"comma-separated subset of torch,torch-compile,onnxruntime,tensorrt "
                                       f"(default {DEFAULTS['backends']}; what cannot run here is reported as skipped)")
     p.add_argument("--batch-sizes", type=_ints, help=f"comma-separated (default {DEFAULTS['batch_sizes']})")
@@ -47,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA torch runners: time CUDA graph replays")
     p.add_argument("--families", help="zoo: comma-separated families (default all)")
     p.add_argument("--models", help="zoo: comma-separated named configs (default all of --families)")
+    p.add_argument("--export-workers", type=int, help="zoo: processes that export the ONNX files before the timing "
+                                                      "starts (default: the CPU count, at most 4)")
     p.add_argument("--out-dir", type=Path, default=Path("docs"), help="zoo: where benchmarks.md/.csv/.png go (default docs)")
     p.add_argument("--csv", type=Path, help="write one CSV row per measurement")
     p.add_argument("--png", type=Path, help="write a plot of images/s vs batch size")
@@ -95,19 +99,31 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"no named configs in families {args.families}")
         if not args.out_dir.is_dir():
             raise UserError(f"output directory {args.out_dir} does not exist")
+        if not args.batch_sizes:
+            from ..bench.targets import PEAK_BATCH, PEAK_MODELS
+
+            settings["extra_batch_sizes"] = {m: (PEAK_BATCH,) for m in PEAK_MODELS if m in names}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as progress:
-        task = progress.add_task("loading", total=None)
+        export_task = measure_task = None
 
-        def on_step(desc: str, total: int) -> None:
-            if progress.tasks[0].total is None:
-                progress.update(task, total=total, completed=0)
+        def on_export(name: str, total: int) -> None:  # after each model's two exports
+            nonlocal export_task
+            if export_task is None:
+                export_task = progress.add_task("exporting", total=total)
+            progress.update(export_task, advance=1, description=f"exported {name} (ONNX, both forms)")
+
+        def on_step(desc: str, total: int) -> None:  # before each measured group
+            nonlocal measure_task
+            if measure_task is None:
+                measure_task = progress.add_task(desc, total=total)
             else:
-                progress.advance(task)
-            progress.update(task, description=desc)
+                progress.advance(measure_task)
+            progress.update(measure_task, description=desc)
 
         if zoo:
-            result = bench_zoo(names, seed=args.seed, on_step=on_step, **settings)
+            result = bench_zoo(names, seed=args.seed, on_step=on_step, export_workers=args.export_workers,
+                               on_export=on_export, **settings)
         else:
             source = source_from_args(args)
             result = run_sweep([source], SweepConfig(seed=args.seed, **settings), 1, on_step)

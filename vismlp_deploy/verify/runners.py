@@ -25,10 +25,12 @@ class Unavailable(Exception):
 class RunnerFactory:
     """Builds runners of one source; ONNX exports and engines are made once per form in ``workdir``."""
 
-    def __init__(self, source: Source, device: str, workdir: Path, threads: int | None = None, max_batch: int = 64):
+    def __init__(self, source: Source, device: str, workdir: Path, threads: int | None = None, max_batch: int = 64,
+                 onnx: dict[str, Path] | None = None):
         self.source, self.device, self.workdir, self.threads = source, device, Path(workdir), threads
         self.max_batch = max_batch  # largest batch a TensorRT profile must accept
-        self._onnx: dict[str, Path] = {}
+        # exports made beforehand (form -> file); missing files are exported on demand
+        self._onnx: dict[str, Path] = {f: p for f, p in (onnx or {}).items() if p.is_file()}
 
     def forms(self, backend: str) -> list[str]:
         """Forms this backend can run for this source (a given .onnx file runs on ORT/TRT only)."""
