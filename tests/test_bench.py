@@ -157,6 +157,18 @@ def test_bench_zoo_exports_ahead_then_times(tmp_path, monkeypatch, capsys):
     assert rc == 0 and not doc["skipped"], doc["skipped"]
     assert {(r["form"], r["batch"]) for r in doc["results"]} == {("train", 8), ("deploy", 8)}
     assert doc["gemm_peaks"]["fp32"]["kernel"] in ("torch.mm", "onnxruntime MatMul")
+    assert set(doc["wall_s"]) == {"export", "sweep"} and doc["settings"]["export_workers"] == 1
     rows = list(csv.DictReader(open(tmp_path / "benchmarks.csv")))
     assert len(rows) == 2 and all(float(r["gemm_bound"]) > 0 for r in rows)
     assert "mixer_s32" in (tmp_path / "benchmarks.md").read_text() and (tmp_path / "benchmarks.png").exists()
+
+
+def test_ort_runner_spinning_switch(tmp_path):
+    from vismlp_deploy.export.onnx import export_onnx
+    from vismlp_deploy.runtime.ort_runner import OrtRunner
+
+    path = export_onnx(tiny(), tmp_path / "t.onnx")
+    key = "session.intra_op.allow_spinning"
+    assert OrtRunner(path, threads=1, spin=False).session.get_session_options().get_session_config_entry(key) == "0"
+    with pytest.raises(Exception):  # not set: ONNX Runtime's default (spinning) applies
+        OrtRunner(path, threads=1).session.get_session_options().get_session_config_entry(key)

@@ -46,11 +46,11 @@ def _export_one(name: str, seed: int, out_dir: str) -> str:
 
 
 def export_ahead(names: list[str], seed: int, out_dir: Path, workers: int | None = None,
-                 on_done: Callable[[str, int], None] | None = None) -> None:
+                 on_done: Callable[[str, int], None] | None = None) -> int:
     """Export ``names`` into ``out_dir/<name>/{train,deploy}.onnx`` with ``workers`` processes.
 
     ``workers`` defaults to the number of CPUs (at most 4: each worker holds one model).
-    ``on_done(name, total)`` is called as each model finishes (progress bar).
+    ``on_done(name, total)`` is called as each model finishes (progress bar). Returns ``workers``.
     """
     workers = workers or min(4, os.cpu_count() or 1)
     # spawn, not fork: forking a process whose torch/OpenMP threads are running can deadlock
@@ -60,6 +60,7 @@ def export_ahead(names: list[str], seed: int, out_dir: Path, workers: int | None
             try:
                 name = future.result()
             except BrokenProcessPool:  # a worker died (memory): the sweep exports what is missing itself
-                return
+                break
             if on_done:
                 on_done(name, len(names))
+    return workers

@@ -26,7 +26,7 @@ def machine_info(device: str, threads: int) -> dict:
 
     info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "threads": threads, "device": device,
             "platform": platform.platform(), "python": sys.version.split()[0], "torch": torch.__version__,
-            "vismlp_deploy": __version__, "load_average": _loadavg()}
+            "vismlp_deploy": __version__, "load_average": load_average()}
     for mod in ("onnxruntime", "onnx"):
         try:
             info[mod] = __import__(mod).__version__
@@ -40,8 +40,8 @@ def machine_info(device: str, threads: int) -> dict:
     return info
 
 
-def _loadavg() -> float | None:
-    """1-minute load average when the run started: > threads means other work shared the CPUs."""
+def load_average() -> float | None:
+    """1-minute load average now (read when a run starts: > threads means other work shared the CPUs)."""
     import os
 
     try:

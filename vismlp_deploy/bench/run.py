@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
 from torch import nn
 
 from ..verify.source import Source, from_named_config, from_train, load_source
+from . import machine
 from .exports import export_ahead, onnx_paths
 from .sweep import BenchResult, SweepConfig, run_sweep
 
@@ -52,7 +54,14 @@ def bench_zoo(names: list[str], *, seed: int = 0, on_step: Callable[[str, int], 
 
     if not {"onnxruntime", "tensorrt"} & set(cfg.backends):
         return run_sweep(sources(), cfg, len(names), on_step)
+    load_before = machine.load_average()  # the exports load the CPUs themselves: read it now
     with tempfile.TemporaryDirectory(prefix="vismlp-zoo-onnx-") as tmp:
         out_dir = Path(tmp)
-        export_ahead(names, seed, out_dir, export_workers, on_export)
-        return run_sweep(sources(), cfg, len(names), on_step, lambda name: onnx_paths(out_dir, name))
+        t0 = time.perf_counter()
+        workers = export_ahead(names, seed, out_dir, export_workers, on_export)
+        export_s = time.perf_counter() - t0
+        result = run_sweep(sources(), cfg, len(names), on_step, lambda name: onnx_paths(out_dir, name))
+    result.wall_s = {"export": export_s, **result.wall_s}
+    result.machine["load_average"] = load_before
+    result.settings["export_workers"] = workers
+    return result

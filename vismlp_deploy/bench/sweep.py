@@ -10,6 +10,7 @@ measured at the start and end of the same run (the best) with the same threads a
 from __future__ import annotations
 
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
@@ -103,6 +104,7 @@ class BenchResult:
     peaks: dict[str, GemmPeak] = field(default_factory=dict)  # precision -> GEMM peak
     machine: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    wall_s: dict[str, float] = field(default_factory=dict)  # phase ("export", "sweep") -> seconds
 
     @property
     def gemm_peak_gflops(self) -> float | None:
@@ -113,7 +115,8 @@ class BenchResult:
         return {"results": [r.to_dict() for r in self.records], "ratios": [r.to_dict() for r in self.ratios],
                 "gemm_peak_gflops": self.gemm_peak_gflops,
                 "gemm_peaks": {k: p.to_dict() for k, p in self.peaks.items()},
-                "skipped": [s.to_dict() for s in self.skipped], "machine": self.machine, "settings": self.settings}
+                "skipped": [s.to_dict() for s in self.skipped], "machine": self.machine, "settings": self.settings,
+                "wall_s": self.wall_s}
 
 
 def run_sweep(sources: Iterable[Source], cfg: SweepConfig, n_sources: int = 1,
@@ -125,10 +128,13 @@ def run_sweep(sources: Iterable[Source], cfg: SweepConfig, n_sources: int = 1,
     ``exported(name)``: ONNX files already made for that source (form -> path), if any.
     """
     previous = torch.get_num_threads()
+    t0 = time.perf_counter()
     try:
-        return _run(sources, cfg, n_sources, on_step, exported or (lambda name: {}))
+        result = _run(sources, cfg, n_sources, on_step, exported or (lambda name: {}))
     finally:
         torch.set_num_threads(previous)
+    result.wall_s["sweep"] = time.perf_counter() - t0
+    return result
 
 
 def _run(sources, cfg: SweepConfig, n_sources: int, on_step, exported) -> BenchResult:
@@ -140,8 +146,10 @@ def _run(sources, cfg: SweepConfig, n_sources: int, on_step, exported) -> BenchR
     total = (n_sources * len(cfg.batch_sizes) + extra) * len(cfg.backends) * len(cfg.precisions)
     for source in sources:
         with tempfile.TemporaryDirectory(prefix="vismlp-bench-") as workdir:
+            # ORT spinning off: the forms alternate call by call, and a session whose idle threads
+            # spin steals a core from the next one (measured: resmlp_12 train 320 -> 252 ms on 2 cores)
             factory = RunnerFactory(source, cfg.device, workdir, threads, max(_batches(cfg, source.name)),
-                                    exported(source.name))
+                                    exported(source.name), ort_spin=False)
             _sweep_one(source, cfg, factory, result,
                        lambda desc: on_step(desc, total) if on_step else None)
     _measure_peaks(cfg, peak_sizes, result, threads)  # again at the end: the best of both, if the load changed

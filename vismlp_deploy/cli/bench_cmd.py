@@ -16,7 +16,7 @@ from .verify_cmd import add_source_arguments, source_from_args
 # `bench zoo` on a 2-core CPU: ONNX Runtime and eager torch, fp32, the batches the targets are stated at
 # (8: deploy/train ratios for every config; 16 in addition for the models of the GEMM-peak target),
 # 3 rounds minimum and a capped measuring time
-ZOO_DEFAULTS = {"backends": "onnxruntime,torch", "batch_sizes": "8", "repeats": 5, "max_time": 2.0, "warmup": 1}
+ZOO_DEFAULTS = {"backends": "onnxruntime,torch", "batch_sizes": "8", "repeats": 20, "max_time": 2.0, "warmup": 1}
 DEFAULTS = {"backends": "torch,torch-compile,onnxruntime,tensorrt", "batch_sizes": "1,8,32", "repeats": 10,
             "max_time": 10.0, "warmup": 2}
 

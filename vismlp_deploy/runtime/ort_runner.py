@@ -33,10 +33,14 @@ class OrtRunner(Runner):
     """An ``.onnx`` file in an ``onnxruntime.InferenceSession``.
 
     provider: ``cpu``, ``cuda`` or ``tensorrt`` (see :func:`available_providers`).
+    spin: let idle intra-op threads spin-wait for the next call (ONNX Runtime's default; lowest
+    latency for one session alone). Turn it off when sessions alternate on few cores: a
+    spinning session steals a core from the one that runs next.
     A static-batch model runs larger batches in chunks of its batch (last chunk padded).
     """
 
-    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None, name: str | None = None):
+    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None, name: str | None = None,
+                 spin: bool = True):
         import onnxruntime as ort
 
         if provider not in PROVIDERS:
@@ -48,6 +52,8 @@ class OrtRunner(Runner):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             opts.intra_op_num_threads = threads
+        if not spin:
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
         (inp,), (out, *_) = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.output_name = inp.name, out.name

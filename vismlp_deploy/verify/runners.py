@@ -26,8 +26,9 @@ class RunnerFactory:
     """Builds runners of one source; ONNX exports and engines are made once per form in ``workdir``."""
 
     def __init__(self, source: Source, device: str, workdir: Path, threads: int | None = None, max_batch: int = 64,
-                 onnx: dict[str, Path] | None = None):
+                 onnx: dict[str, Path] | None = None, ort_spin: bool = True):
         self.source, self.device, self.workdir, self.threads = source, device, Path(workdir), threads
+        self.ort_spin = ort_spin  # see OrtRunner: off when forms are timed alternately
         self.max_batch = max_batch  # largest batch a TensorRT profile must accept
         # exports made beforehand (form -> file); missing files are exported on demand
         self._onnx: dict[str, Path] = {f: p for f, p in (onnx or {}).items() if p.is_file()}
@@ -76,7 +77,8 @@ class RunnerFactory:
         provider = "cpu" if self.device == "cpu" else "cuda"
         if provider not in available_providers():
             raise Unavailable(f"onnxruntime has no {provider} provider here (install onnxruntime-gpu)")
-        return OrtRunner(self.onnx(form), provider=provider, threads=self.threads, name=f"onnxruntime-{form}")
+        return OrtRunner(self.onnx(form), provider=provider, threads=self.threads, name=f"onnxruntime-{form}",
+                         spin=self.ort_spin)
 
     def _trt(self, form: str, precision: str) -> Runner:
         if not self.device.startswith("cuda"):
