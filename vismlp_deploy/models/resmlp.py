@@ -24,12 +24,13 @@ import math
 import re
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
 from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
-from .layers import clone_linear
+from .layers import clone_linear, exporting
 from .registry import CheckpointFormat, StateDict, register_config, register_format
 
 
@@ -165,8 +166,10 @@ class ResBlock(nn.Module):
 class ResMLPDeployBlock(nn.Module):
     """``x + s * (W @ x) + table`` then ``x + fc2(gelu(fc1(x)))`` on (B, N, C).
 
-    ``W @ x`` with W (N, N) on the left of (B, N, C) is a broadcast MatMul: no transposes,
-    and the batch dimension stays symbolic in ONNX.
+    Exported, ``W @ x`` with W (N, N) on the left of (B, N, C) is a broadcast MatMul: no
+    transposes, and the batch dimension stays symbolic in ONNX. In eager PyTorch the same
+    product runs as ``Linear`` on the transposed view (a free view there; the broadcast
+    matmul is B small GEMMs instead of one).
     """
 
     def __init__(self, token_weight: Tensor, token_scale: Tensor, token_bias: Tensor, fc1: nn.Linear, fc2: nn.Linear):
@@ -177,7 +180,11 @@ class ResMLPDeployBlock(nn.Module):
         self.fc1, self.act, self.fc2 = fc1, nn.GELU(), fc2
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.token_scale * torch.matmul(self.token_weight, x) + self.token_bias
+        if exporting():  # W from the left: no Transpose nodes in the graph
+            mixed = torch.matmul(self.token_weight, x)
+        else:  # eager: one GEMM over B*C rows on the transposed view, as the train form runs it
+            mixed = F.linear(x.transpose(1, 2), self.token_weight).transpose(1, 2)
+        x = x + self.token_scale * mixed + self.token_bias
         return x + self.fc2(self.act(self.fc1(x)))
 
 
