@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -33,22 +34,20 @@ def gemm_peak(device: str = "cpu", precision: str = "fp32", sizes: tuple[int, ..
               repeats: int = 5) -> GemmPeak:
     """Best GFLOP/s of ``C = A @ B`` (2 n^3 FLOPs) over ``sizes`` × ``repeats`` after a warm-up call."""
     dtype = _DTYPES[precision]
-    best, best_n = 0.0, sizes[0]
-    for n in sizes:
+
+    def make_call(n: int) -> Callable[[], None]:
         g = torch.Generator(device="cpu").manual_seed(n)
         a = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
         b = torch.randn(n, n, generator=g).to(device=device, dtype=dtype)
         out = torch.empty(n, n, device=device, dtype=dtype)
-        torch.mm(a, b, out=out)  # warm-up: allocations, thread pool, cuBLAS handle
-        _sync(device)
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+
+        def call() -> None:
             torch.mm(a, b, out=out)
             _sync(device)
-            rate = 2 * n**3 / (time.perf_counter() - t0) / 1e9
-            if rate > best:
-                best, best_n = rate, n
-    return GemmPeak(best, best_n, precision, device, torch.get_num_threads())
+        return call
+
+    best, n = _best_rate(make_call, sizes, repeats)
+    return GemmPeak(best, n, precision, device, torch.get_num_threads())
 
 
 def ort_gemm_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5, threads: int | None = None) -> GemmPeak:
@@ -57,8 +56,7 @@ def ort_gemm_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5, threa
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    best, best_n = 0.0, sizes[0]
-    for n in sizes:
+    def make_call(n: int) -> Callable[[], None]:
         rng = np.random.default_rng(n)
         a = rng.standard_normal((n, n), dtype=np.float32)
         b = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "b")
@@ -71,14 +69,26 @@ def ort_gemm_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5, threa
         if threads:
             opts.intra_op_num_threads = threads
         session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        session.run(None, {"a": a})  # warm-up: B pre-packing, thread pool
+        return lambda: session.run(None, {"a": a})
+
+    best, n = _best_rate(make_call, sizes, repeats)
+    return GemmPeak(best, n, "fp32", "cpu", threads or 0, "onnxruntime MatMul")
+
+
+def _best_rate(make_call: Callable[[int], Callable[[], None]], sizes: tuple[int, ...], repeats: int) -> tuple[float, int]:
+    """Best GFLOP/s of an n x n x n GEMM call over sizes × repeats, each size warmed up once first
+    (allocations, thread pool, cuBLAS handle, weight pre-packing). Returns (GFLOP/s, n)."""
+    best, best_n = 0.0, sizes[0]
+    for n in sizes:
+        call = make_call(n)
+        call()
         for _ in range(repeats):
             t0 = time.perf_counter()
-            session.run(None, {"a": a})
+            call()
             rate = 2 * n**3 / (time.perf_counter() - t0) / 1e9
             if rate > best:
                 best, best_n = rate, n
-    return GemmPeak(best, best_n, "fp32", "cpu", threads or 0, "onnxruntime MatMul")
+    return best, best_n
 
 
 def _sync(device: str) -> None:

@@ -35,7 +35,7 @@ def target_lines(result: BenchResult) -> list[str]:
               "here; a target above it cannot be met on this machine by an exact transformation.", "",
               "| model | family | deploy/train | per-round quartiles | GEMM bound | target | |",
               "|---|---|--:|--:|--:|--:|---|"]
-    header_end = len(lines)
+    measured: set[str] = set()
     families = {r.model: r.family for r in result.records}
     sizes = {r.model: r.input_size[-1] for r in result.records}
     for r in result.ratios:
@@ -49,7 +49,7 @@ def target_lines(result: BenchResult) -> list[str]:
             bound = "–" if r.gemm_bound is None else f"{r.gemm_bound:.2f}"
             lines.append(f"| {r.model} | {fam} | {r.deploy_over_train:.2f} | {r.q25:.2f} – {r.q75:.2f} | {bound} "
                          f"| ≥ {target} | {verdict} |")
-    measured = {families.get(line.split(" | ")[0][2:]) for line in lines[header_end:]}
+            measured.add(fam)
     missing = sorted(set(RATIO_TARGETS) - measured)
     if missing:
         lines.append(f"| ({', '.join(missing)}) | | not measured in this sweep | | | | – |")
