@@ -5,7 +5,7 @@ import csv
 import math
 from pathlib import Path
 
-from .sweep import BenchResult, Ratio, Record
+from .sweep import BenchResult, Record
 
 CSV_FIELDS = ("model", "family", "backend", "form", "batch", "precision", "device", "input_size", "images_per_sec",
               "latency_ms_median", "latency_ms_p90", "latency_ms_p99", "spread", "repeats", "flops_per_image",
@@ -13,12 +13,8 @@ CSV_FIELDS = ("model", "family", "backend", "form", "batch", "precision", "devic
               "deploy_over_train_q75", "gemm_bound")
 
 
-def _ratio_index(result: BenchResult) -> dict[tuple, Ratio]:
-    return {(r.model, r.backend, r.batch, r.precision): r for r in result.ratios}
-
-
 def write_csv(result: BenchResult, path: Path) -> None:
-    ratios = _ratio_index(result)
+    ratios = result.ratio_index()
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
         w.writeheader()
@@ -85,7 +81,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def records_table(result: BenchResult) -> list[str]:
     """Markdown rows: one line per (model, backend, precision, batch) with both forms side by side."""
-    ratios = _ratio_index(result)
+    ratios = result.ratio_index()
     by_key: dict[tuple, dict[str, Record]] = {}
     for r in result.records:
         by_key.setdefault((r.model, r.backend, r.precision, r.batch), {})[r.form] = r

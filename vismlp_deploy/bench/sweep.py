@@ -106,6 +106,10 @@ class BenchResult:
     settings: dict = field(default_factory=dict)
     wall_s: dict[str, float] = field(default_factory=dict)  # phase ("export", "sweep") -> seconds
 
+    def ratio_index(self) -> dict[tuple[str, str, int, str], Ratio]:
+        """(model, backend, batch, precision) -> its deploy/train :class:`Ratio`."""
+        return {(r.model, r.backend, r.batch, r.precision): r for r in self.ratios}
+
     @property
     def gemm_peak_gflops(self) -> float | None:
         """The peak at the first measured precision (fp32 unless only others were asked for)."""

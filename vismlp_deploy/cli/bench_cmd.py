@@ -165,7 +165,7 @@ def _write_zoo(result, out_dir: Path, everything: bool, command: str) -> None:
 
 
 def _print(result) -> None:
-    ratios = {(r.model, r.backend, r.batch, r.precision): r.deploy_over_train for r in result.ratios}
+    ratios = result.ratio_index()
     peaks = ", ".join(f"{p} {pk.gflops:.1f}" for p, pk in result.peaks.items())
     t = Table(title=f"images/s ({result.machine.get('gpu') or result.machine.get('cpu')}, "
                     f"{result.machine.get('threads')} threads; GEMM peak GFLOP/s: {peaks})")
@@ -179,7 +179,7 @@ def _print(result) -> None:
                   f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r.spread:.1%}",
                   "–" if r.gflops_per_sec is None else f"{r.gflops_per_sec:.1f}",
                   "–" if r.fraction_of_peak is None else f"{r.fraction_of_peak:.0%}",
-                  "" if ratio is None else f"{ratio:.2f}x")
+                  "" if ratio is None else f"{ratio.deploy_over_train:.2f}x")
     console.print(t)
     for s in result.skipped:
         console.print(f"[yellow]skipped[/yellow] {s.model} {s.backend} {s.precision} {s.form}"
