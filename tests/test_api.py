@@ -2,7 +2,7 @@
 import torch
 
 import vismlp_deploy as vd
-import vismlp_deploy.verify.stats  # noqa: F401 - importing a submodule must not shadow the function
+import vismlp_deploy.verification.stats  # noqa: F401 - importing a submodule must not shadow the function
 
 
 def test_public_names_are_callables():

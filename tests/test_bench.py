@@ -10,12 +10,12 @@ import json
 import pytest
 
 from tiny_model import tiny, tiny_checkpoint
-from vismlp_deploy.bench.peak import ort_gemm_peak
-from vismlp_deploy.bench.report import CSV_FIELDS, write_csv, write_markdown, write_png
-from vismlp_deploy.bench.run import bench
-from vismlp_deploy.bench.sweep import BenchResult, Ratio, Record
-from vismlp_deploy.bench.targets import target_lines
-from vismlp_deploy.bench.timing import Candidate, Clock, Timing, measure, paired_ratios
+from vismlp_deploy.benchmark.peak import ort_gemm_peak
+from vismlp_deploy.benchmark.report import CSV_FIELDS, write_csv, write_markdown, write_png
+from vismlp_deploy.benchmark.run import bench
+from vismlp_deploy.benchmark.sweep import BenchResult, Ratio, Record
+from vismlp_deploy.benchmark.targets import target_lines
+from vismlp_deploy.benchmark.timing import Candidate, Clock, Timing, measure, paired_ratios
 from vismlp_deploy.cli import main
 
 RECORD_FIELDS = {"backend", "form", "batch", "precision", "device", "images_per_sec", "latency_ms", "gflops_per_sec"}

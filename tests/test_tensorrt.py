@@ -20,7 +20,7 @@ from vismlp_deploy.errors import UserError
 from vismlp_deploy.export import tensorrt as trt_export
 from vismlp_deploy.export.fp16_audit import FP16_MAX, audit_fp16
 from vismlp_deploy.export.onnx import export_onnx
-from vismlp_deploy.verify.stats import TOLERANCES
+from vismlp_deploy.precision import PRECISIONS
 
 
 def _has_tensorrt_gpu() -> str | None:
@@ -192,7 +192,7 @@ def test_engine_build_and_run(toy_onnx, tmp_path, precision):
         x = torch.randn(b, 3, 16, 16)
         with torch.no_grad():
             ref = train(x)
-        assert rel_err(runner.run(x), ref) <= TOLERANCES[precision]
+        assert rel_err(runner.run(x), ref) <= PRECISIONS[precision].tolerance
 
 
 @needs_trt
@@ -204,5 +204,5 @@ def test_engine_static_batch(toy_onnx, tmp_path):
     runner = TrtRunner(engine)
     x = torch.randn(6, 3, 16, 16)  # 4 + 2 padded to MIN = 4
     with torch.no_grad():
-        assert rel_err(runner.run(x), train(x)) <= TOLERANCES["fp32"]
+        assert rel_err(runner.run(x), train(x)) <= PRECISIONS["fp32"].tolerance
     assert np.isfinite(runner.run(x).numpy()).all()

@@ -64,7 +64,7 @@ def _settings(args: argparse.Namespace, zoo: bool) -> dict:
     if bad:
         raise UserError(f"unknown precision {bad[0]!r}; choose from fp32, fp16, bf16")
     backends = tuple(x.strip() for x in (args.backends or d["backends"]).split(",") if x.strip())
-    from ..verify.runners import BACKENDS
+    from ..runtime.factory import BACKENDS
 
     if any(b not in BACKENDS for b in backends):
         raise UserError(f"unknown backend in {','.join(backends)}; choose from {', '.join(BACKENDS)}")
@@ -81,8 +81,8 @@ def _settings(args: argparse.Namespace, zoo: bool) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bench.run import bench_zoo, zoo_names
-    from ..bench.sweep import SweepConfig, run_sweep
+    from ..benchmark.run import bench_zoo, zoo_names
+    from ..benchmark.sweep import SweepConfig, run_sweep
 
     zoo = args.model == "zoo" and not Path("zoo").exists()
     settings = _settings(args, zoo)
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.out_dir.is_dir():
             raise UserError(f"output directory {args.out_dir} does not exist")
         if not args.batch_sizes:
-            from ..bench.targets import PEAK_BATCH, PEAK_MODELS
+            from ..benchmark.targets import PEAK_BATCH, PEAK_MODELS
 
             settings["extra_batch_sizes"] = {m: (PEAK_BATCH,) for m in PEAK_MODELS if m in names}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_outputs(result, csv: Path | None, png: Path | None) -> None:
-    from ..bench.report import write_csv, write_png
+    from ..benchmark.report import write_csv, write_png
 
     if csv:
         write_csv(result, csv)
@@ -148,8 +148,8 @@ def _write_outputs(result, csv: Path | None, png: Path | None) -> None:
 
 
 def _write_zoo(result, out_dir: Path, everything: bool, command: str) -> None:
-    from ..bench.report import write_csv, write_markdown, write_png
-    from ..bench.targets import target_lines
+    from ..benchmark.report import write_csv, write_markdown, write_png
+    from ..benchmark.targets import target_lines
 
     write_csv(result, out_dir / "benchmarks.csv")
     write_png(result, out_dir / "benchmarks.png")

@@ -17,7 +17,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from ..errors import UserError, VerificationError
 from ..export.torch_artifact import save_model
 from ..reparam import reparameterize
-from ..verify.proof import proof_inputs, proof_table, prove_stage
+from ..verification.proof import proof_inputs, proof_table, prove_stage
 from .common import atomic_output, check_writable, console, print_json
 from .inspect_cmd import _print_report
 from .load_args import add_checkpoint_arguments, load_from_args

@@ -6,8 +6,8 @@ import argparse
 from rich.table import Table
 
 from ..errors import UserError, VerificationError
-from ..verify.images import IMAGENET_MEAN, IMAGENET_STD
-from ..verify.stats import TOLERANCES
+from ..verification.images import IMAGENET_MEAN, IMAGENET_STD
+from ..precision import PRECISIONS
 from .common import console, parse_json_arg, print_json
 
 
@@ -23,7 +23,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def source_from_args(args: argparse.Namespace):
-    from ..verify.source import load_source
+    from ..runtime.source import load_source
 
     return load_source(args.model, arch=args.arch, config=parse_json_arg(args.config, "--config"), ema=args.ema,
                        trust_pickle=args.trust_pickle, seed=args.seed)
@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mean", type=_floats, default=IMAGENET_MEAN, help="normalization mean R,G,B (default ImageNet)")
     p.add_argument("--std", type=_floats, default=IMAGENET_STD, help="normalization std R,G,B (default ImageNet)")
     p.add_argument("--batch", type=int, default=8, help="random images in the comparison (default 8)")
-    p.add_argument("--precision", choices=sorted(TOLERANCES), default="fp32", help="precision of the candidates")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="precision of the candidates")
     p.add_argument("--tolerance", type=float, help="max|y - ref| / max|ref| allowed (default by precision)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--bisect", action="store_true",
@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..verify.compare import input_sets, verify
+    from ..verification.compare import input_sets, verify
 
     runners = tuple(r.strip() for r in args.runners.split(",") if r.strip())
     images = None if args.images == "none" else args.images
@@ -72,10 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if args.bisect:
         if source.train is None or source.deploy is None:
             raise UserError("--bisect compares the train and deploy forms: give a checkpoint or a named config")
-        from ..verify.bisect import bisect
+        from ..verification.bisect import bisect
 
         x = input_sets(source.input_size, batch=args.batch, seed=args.seed, images=None)[0]["random"]
-        bis = bisect(source.train, source.deploy, x, args.tolerance or TOLERANCES["fp32"])
+        bis = bisect(source.train, source.deploy, x, args.tolerance or PRECISIONS["fp32"].tolerance)
         doc["bisect"] = bis.to_dict()
     if args.json:
         print_json(doc)

@@ -6,6 +6,8 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor
 
+from ..precision import torch_dtype
+
 
 class Runner(ABC):
     """Runs one model artifact on one backend.
@@ -40,18 +42,13 @@ class Runner(ABC):
                 "input": self.input_name, "output": self.output_name}
 
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-
-
 class TorchRunner(Runner):
     """A PyTorch module (train or deploy form) in eval mode, eager or ``torch.compile``d."""
 
     def __init__(self, model: torch.nn.Module, name: str = "torch", device: str = "cpu",
                  precision: str = "fp32", compile: bool = False):
-        if precision not in _DTYPES:
-            raise ValueError(f"unsupported precision {precision!r} for torch (fp32, fp16, bf16, fp64)")
         self.name, self.device, self.precision = name, device, precision
-        self.dtype = _DTYPES[precision]
+        self.dtype = torch_dtype(precision)
         self.model = model.eval().to(device=device, dtype=self.dtype)
         self._fn = torch.compile(self.model) if compile else self.model
 

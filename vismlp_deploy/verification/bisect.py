@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .stats import TOLERANCES, Stats, compare
+from ..precision import PRECISIONS
+from .stats import Stats, compare
 
 OUTPUT = "(output)"
 
@@ -39,7 +40,7 @@ class Boundary:
 class BisectResult:
     boundaries: list[Boundary] = field(default_factory=list)
     first_divergent: str | None = None
-    tolerance: float = TOLERANCES["fp32"]
+    tolerance: float = PRECISIONS["fp32"].tolerance
 
     def to_dict(self) -> dict:
         return {"first_divergent": self.first_divergent, "tolerance": self.tolerance,
@@ -78,7 +79,7 @@ def _record(model: nn.Module, names: list[str], x: Tensor) -> tuple[dict[str, Te
     return seen, y
 
 
-def bisect(train: nn.Module, deploy: nn.Module, x: Tensor, tolerance: float = TOLERANCES["fp32"]) -> BisectResult:
+def bisect(train: nn.Module, deploy: nn.Module, x: Tensor, tolerance: float = PRECISIONS["fp32"].tolerance) -> BisectResult:
     """Compare ``deploy`` against ``train`` at every shared boundary on input ``x`` (N, C, H, W)."""
     deploy_modules = dict(deploy.named_modules())
     train_modules = dict(train.named_modules())

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..runtime.base import _DTYPES
+from ..precision import torch_dtype
 
 
 @dataclass
@@ -33,7 +33,7 @@ class GemmPeak:
 def gemm_peak(device: str = "cpu", precision: str = "fp32", sizes: tuple[int, ...] = (1024, 2048),
               repeats: int = 5) -> GemmPeak:
     """Best GFLOP/s of ``C = A @ B`` (2 n^3 FLOPs) over ``sizes`` × ``repeats`` after a warm-up call."""
-    dtype = _DTYPES[precision]
+    dtype = torch_dtype(precision)
 
     def make_call(n: int) -> Callable[[], None]:
         g = torch.Generator(device="cpu").manual_seed(n)

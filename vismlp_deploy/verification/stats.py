@@ -6,10 +6,6 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-# Tolerances on max|y - ref| / max|ref| by the precision the candidate ran in.
-TOLERANCES = {"fp64": 1e-10, "fp32": 1e-5, "tf32": 5e-3, "fp16": 2e-2, "bf16": 1e-1}
-
-
 @dataclass
 class Stats:
     """Equivalence of ``y`` against ``ref``, both (N, classes) logits (or any (N, ...))."""

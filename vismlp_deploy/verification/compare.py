@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from ..errors import UserError
 from .images import IMAGENET_MEAN, IMAGENET_STD, default_images, folder_images, preprocess
 from .proof import proof_inputs
-from .runners import BACKENDS, RunnerFactory, Unavailable
-from .source import Source, from_train, load_source
-from .stats import TOLERANCES, Stats, compare
+from ..runtime.factory import BACKENDS, RunnerFactory, Unavailable
+from ..runtime.source import Source, from_train, load_source
+from ..precision import get_precision
+from .stats import Stats, compare
 
 SHORT = {"train": ("torch", "train"), "deploy": ("torch", "deploy"), "onnxruntime": ("onnxruntime", "deploy"),
          "tensorrt": ("tensorrt", "deploy")}
@@ -93,14 +94,14 @@ def verify(model: nn.Module | str | Path | Source, runners: tuple[str, ...] = ("
     """Compare ``runners[1:]`` against ``runners[0]`` on random and real inputs.
 
     ``model``: a train-form module (with ``input_size``), a :class:`Source`, or a path/named
-    config for :func:`load_source`. ``tolerance`` overrides the precision's default (TOLERANCES).
+    config for :func:`load_source`. ``tolerance`` overrides the precision's default (``vismlp_deploy.precision``).
     """
     source = model if isinstance(model, Source) else (
         from_train(model, getattr(model, "arch", None) or type(model).__name__) if isinstance(model, nn.Module)
         else load_source(model))
     if len(runners) < 2:
         raise UserError("verify needs at least two runners to compare")
-    tol = tolerance if tolerance is not None else TOLERANCES[precision]
+    tol = tolerance if tolerance is not None else get_precision(precision).tolerance
     sets, about = input_sets(source.input_size, batch=batch, seed=seed, images=images, mean=mean, std=std)
     result = VerifyResult(source.name, runners[0], inputs=about)
     with tempfile.TemporaryDirectory(prefix="vismlp-verify-") as workdir:

@@ -7,7 +7,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .stats import TOLERANCES, Stats, compare
+from ..precision import get_precision
+from .stats import Stats, compare
 
 
 @dataclass
@@ -35,7 +36,7 @@ def proof_inputs(input_size: tuple[int, ...], batch: int = 8, seed: int = 0) -> 
 def prove_stage(stage: str, run: Callable[[Tensor], Tensor], x: Tensor, ref: Tensor, precision: str = "fp32") -> StageProof:
     with torch.inference_mode():
         y = run(x)
-    return StageProof(stage, precision, compare(y, ref), TOLERANCES[precision])
+    return StageProof(stage, precision, compare(y, ref), get_precision(precision).tolerance)
 
 
 def proof_table(proofs: list[StageProof]):

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 from torch import nn
 
-from ..verify.source import Source, from_named_config, from_train, load_source
+from ..runtime.source import Source, from_named_config, from_train, load_source
 from . import machine
 from .exports import export_ahead, onnx_paths
 from .sweep import BenchResult, SweepConfig, run_sweep

@@ -30,7 +30,7 @@ def _export_one(name: str, seed: int, out_dir: str) -> str:
 
     torch.set_num_threads(1)  # one core per worker: the pool is the parallelism
     from ..export.onnx import export_onnx
-    from ..verify.source import from_named_config
+    from ..runtime.source import from_named_config
 
     paths = onnx_paths(Path(out_dir), name)
     paths["train"].parent.mkdir(parents=True, exist_ok=True)

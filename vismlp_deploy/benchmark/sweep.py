@@ -18,9 +18,9 @@ from typing import Callable, Iterable
 import torch
 
 from ..reparam.report import count_flops
-from ..verify.proof import proof_inputs
-from ..verify.source import Source
-from ..verify.runners import RunnerFactory, Unavailable
+from ..verification.proof import proof_inputs
+from ..runtime.source import Source
+from ..runtime.factory import RunnerFactory, Unavailable
 from .calls import candidate
 from .machine import machine_info
 from .peak import GemmPeak, gemm_peak, ort_gemm_peak

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..runtime.base import Runner, TorchRunner
+from .base import Runner, TorchRunner
 from .source import Source
 
 BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
@@ -70,7 +70,7 @@ class RunnerFactory:
         return read_metadata(self.source.onnx_path).get("form", "deploy")
 
     def _ort(self, form: str, precision: str) -> Runner:
-        from ..runtime.ort_runner import OrtRunner, available_providers
+        from .ort_runner import OrtRunner, available_providers
 
         if precision != "fp32":
             raise Unavailable(f"ONNX Runtime runs the exported fp32 graph; {precision} is measured on torch/tensorrt")
@@ -85,7 +85,7 @@ class RunnerFactory:
             raise Unavailable("TensorRT needs a CUDA device")
         from ..errors import UserError
         from ..export.tensorrt import build_engine, import_tensorrt
-        from ..runtime.trt_runner import TrtRunner
+        from .trt_runner import TrtRunner
 
         try:
             import_tensorrt()

@@ -1,0 +1,1 @@
+"""Images per second and latency per backend x form x batch x precision, with reports."""

@@ -1,0 +1,1 @@
+"""Comparing runners: statistics, equivalence proofs, real images, bisection."""
