@@ -30,11 +30,10 @@ def bench(model: nn.Module | str | Path, *, on_step: Callable[[str, int], None] 
 
 def zoo_names(families: list[str] | None = None) -> list[str]:
     """Every named config (of the given families), sorted by family then name."""
-    from ..models.registry import CONFIGS, FORMATS, _ensure_loaded
+    from ..models.registry import configs, formats
 
-    _ensure_loaded()
-    names = [c.name for c in CONFIGS.values() if not families or FORMATS[c.format].family in families]
-    return sorted(names, key=lambda n: (FORMATS[CONFIGS[n].format].family, n))
+    family = {c.name: formats()[c.format].family for c in configs().values()}
+    return sorted((n for n, f in family.items() if not families or f in families), key=lambda n: (family[n], n))
 
 
 def bench_zoo(names: list[str], *, seed: int = 0, on_step: Callable[[str, int], None] | None = None,

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError
-from ..models.registry import CONFIGS, FORMATS, CheckpointFormat, _ensure_loaded
+from ..models.registry import CONFIGS, FORMATS, CheckpointFormat, formats
 
 CLASS_KEYS = ("num_classes", "num_class", "n_classes")  # the spellings of the class count upstream
 Shapes = dict[str, tuple[int, ...]]
@@ -110,10 +110,9 @@ def preview(keys: list[str], n: int = 6) -> str:
 
 def detect_format(state_dict: Mapping[str, Tensor]) -> Detection:
     """The single registered format whose keys match and whose inferred config fits every shape."""
-    _ensure_loaded()
     tried: list[str] = []
     fits: list[tuple[CheckpointFormat, dict, bool]] = []
-    for fmt in FORMATS.values():
+    for fmt in formats().values():
         if not _matches(fmt, state_dict):
             continue
         try:

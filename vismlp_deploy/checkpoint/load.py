@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError
-from ..models.registry import CheckpointFormat, get_format
+from ..models.registry import CheckpointFormat, at_input_size, get_format
 from .detect import Detection, describe_mismatch, detect_format, finish, preview
 from .io import Checkpoint, read_checkpoint
 
@@ -51,6 +51,7 @@ def load_checkpoint(
     *,
     ema: bool = False,
     trust_pickle: bool = False,
+    input_size: int | tuple[int, int] | None = None,
 ) -> nn.Module:
     """The train-time model of a checkpoint, in eval mode, float32.
 
@@ -59,6 +60,8 @@ def load_checkpoint(
     config: upstream constructor arguments; inferred from shapes if None, merged over the
         inferred ones if partial.
     ema: use the EMA weights of a training checkpoint. trust_pickle: allow code execution.
+    input_size: (H, W) or an int: the input size to run at (channels come from the weights),
+        where the network allows it; default: the size stored with the file, else the config's.
     The model carries ``arch``, ``config``, ``input_size``, ``checkpoint_info`` (LoadInfo)
     and ``config_notes`` (what the weights could not tell).
     """
@@ -67,7 +70,9 @@ def load_checkpoint(
         raise CheckpointError("this is a deploy model written by `vismlp-deploy convert`: it is already "
                               "re-parameterized (load it with vismlp_deploy.export.torch_artifact.load_deploy)")
     det = resolve(ckpt, arch, config)
-    model = build_and_load(det.format, det.config, ckpt.state_dict, notes=det.notes)
+    if input_size is None and ckpt.meta and ckpt.meta.get("input_size"):
+        input_size = tuple(ckpt.meta["input_size"][1:])
+    model = _build_at_size(det, ckpt, input_size)
     family_notes = [n for n in getattr(model, "config_notes", []) if n not in det.notes and not config]
     notes = ckpt.notes + det.notes + family_notes
     confidence = "medium" if family_notes and det.confidence == "high" else det.confidence
@@ -76,6 +81,22 @@ def load_checkpoint(
         weights=ckpt.source, container=ckpt.container, stripped=ckpt.stripped, format=det.format.name,
         label=det.label(), named=det.named, how=det.how, confidence=confidence,
         config_source=_config_source(ckpt, config), notes=notes)
+    return model
+
+
+def _build_at_size(det: Detection, ckpt: Checkpoint, input_size) -> nn.Module:
+    """The detected network at ``input_size``; where the weights fix the size, a clear error."""
+    fmt = det.format
+    config, size = at_input_size(fmt, det.config, input_size)
+    try:
+        model = build_and_load(fmt, config, ckpt.state_dict, notes=det.notes)
+    except CheckpointError as e:
+        if config == det.config:
+            raise
+        c, h, w = fmt.input_size(det.config)
+        raise CheckpointError(f"this {fmt.name} checkpoint's weights fix its input size at {h}x{w}: "
+                              f"{size[1]}x{size[2]} does not fit them ({e})") from None
+    model.input_size = size
     return model
 
 

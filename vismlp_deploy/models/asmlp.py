@@ -30,7 +30,7 @@ from ..reparam import transforms as T
 from ..reparam.shift import shift_by_slicing
 from ..reparam.walker import ReparamContext
 from .layers import clone_conv, clone_linear, exporting
-from .registry import CheckpointFormat, StateDict, register_config, register_format
+from .registry import StateDict, register_config, register_format
 
 GN_EPS = 1e-5
 
@@ -306,16 +306,27 @@ def _input_size(config: dict) -> tuple[int, int, int]:
     return (config.get("in_chans", 3), config.get("img_size", 224), config.get("img_size", 224))
 
 
+def _resize(config: dict, size: tuple[int, int]) -> dict:
+    """Convolutional, so any square size the stages divide: only ``img_size`` changes."""
+    h, w = size
+    if h != w:
+        raise ValueError("AS-MLP's img_size is one side (square inputs)")
+    step = config.get("patch_size", 4) * 2 ** (len(config.get("depths", (2, 2, 6, 2))) - 1)
+    if h % step:
+        raise ValueError(f"the side must be a multiple of patch_size·2^(stages-1) = {step}")
+    return {**config, "img_size": h}
+
+
 FORMAT = "official-asmlp"
-register_format(CheckpointFormat(
-    name=FORMAT, family="asmlp", build=_build, to_model_keys=dict, matches=_matches,
+register_format(
+    FORMAT, family="asmlp", build=_build, matches=_matches, resize=_resize,
     infer_config=_infer_config, input_size=_input_size, assumptions=lambda c: {
         "shift_size": ("assumed: not stored in the weights (every released "
                       "AS-MLP uses 5); pass --config '{\"shift_size\": N}' if yours differs"),
         "img_size": ("assumed: not stored in the weights; it sets the "
                     "export/proof input size only (the network is convolutional)")},
     description="AS-MLP (svip-lab/AS-MLP as_mlp.py keys); shift size is not stored in the weights (assumed 5)",
-))
+)
 for _name, _dim, _depths, _dpr in (("asmlp_t", 96, [2, 2, 6, 2], 0.2), ("asmlp_s", 96, [2, 2, 18, 2], 0.3),
                                    ("asmlp_b", 128, [2, 2, 18, 2], 0.5)):
     register_config(_name, FORMAT, f"AS-MLP-{_name[-1].upper()}, 224px, shift 5", **dict(

@@ -55,7 +55,7 @@ from ..errors import CheckpointError, NotExactError, UserError
 from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from .layers import bn_affine, clone_conv, clone_linear
-from .registry import CheckpointFormat, StateDict, register_config, register_format, CONFIGS
+from .registry import CONFIGS, StateDict, register_config, register_format
 
 ACTIVATIONS = {"GELU": nn.GELU, "ReLU": nn.ReLU}
 
@@ -315,6 +315,13 @@ def _build(config: dict, *, official: bool) -> ConvMixer:
     return ConvMixer(in_chans=in_chans, num_classes=num_classes, **cfg)
 
 
+def _resize(config: dict, size: tuple[int, int]) -> dict:
+    """Fully convolutional with a global mean: any size of at least one patch, same config."""
+    if min(size) < config.get("patch_size", 7):
+        raise ValueError(f"each side must be at least the patch size {config.get('patch_size', 7)}")
+    return config
+
+
 def _official_to_model(sd: StateDict) -> dict[str, Tensor]:
     """locuslab index keys -> timm keys: 0 → stem.0, 2 → stem.2, 3+i → blocks.i, depth+5 → head."""
     depth = _official_depth(sd)
@@ -368,20 +375,20 @@ def _infer(sd: StateDict, official: bool) -> dict:
             "num_classes": num_classes, "act_layer": act}
 
 
-register_format(CheckpointFormat(
-    name="official-convmixer", family="convmixer",
+register_format(
+    "official-convmixer", family="convmixer", resize=_resize,
     build=lambda c: _build(c, official=True), to_model_keys=_official_to_model,
     matches=_official_matches, infer_config=lambda sd: _infer(sd, official=True),
     input_size=lambda c: (3, 224, 224), assumptions=lambda c: {"act_layer": activation_note(c)},
     description="ConvMixer, locuslab flat nn.Sequential (index keys); act_layer extends the GELU-only original",
-))
-register_format(CheckpointFormat(
-    name="timm-convmixer", family="convmixer",
-    build=lambda c: _build(c, official=False), to_model_keys=dict,
+)
+register_format(
+    "timm-convmixer", family="convmixer", resize=_resize,
+    build=lambda c: _build(c, official=False),
     matches=_timm_matches, infer_config=lambda sd: _infer(sd, official=False),
     input_size=lambda c: (c.get("in_chans", 3), 224, 224), assumptions=lambda c: {"act_layer": activation_note(c)},
     description="ConvMixer, timm keys (stem / blocks / head)",
-))
+)
 register_config("convmixer_768_32", "timm-convmixer", "ConvMixer-768/32, k7 p7, ReLU (21.1M)",
                 dim=768, depth=32, kernel_size=7, patch_size=7, in_chans=3, num_classes=1000, act_layer="ReLU")
 register_config("convmixer_1536_20", "timm-convmixer", "ConvMixer-1536/20, k9 p7, GELU (51.6M)",

@@ -33,7 +33,7 @@ from ..errors import CheckpointError, UserError
 from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from .layers import clone_conv, clone_linear, fuse_conv_bn
-from .registry import CheckpointFormat, StateDict, register_config, register_format
+from .registry import StateDict, register_config, register_format
 
 
 def _down(n: int) -> int:
@@ -262,6 +262,14 @@ def _build(config: dict) -> ConvMLP:
     return ConvMLP(**config)
 
 
+def _resize(config: dict, size: tuple[int, int]) -> dict:
+    """Convolutional with a global mean: any size whose last stage still has a pixel, same config."""
+    smallest = 2 ** (3 + len(config["blocks"]) - 1)  # tokenizer /4, conv stage /2, then /2 per stage
+    if min(size) < smallest:
+        raise ValueError(f"each side must be at least {smallest} pixels")
+    return config
+
+
 def _matches(sd: StateDict) -> bool:
     return "tokenizer.block.0.weight" in sd and "conv_stages.downsample.weight" in sd
 
@@ -299,11 +307,10 @@ def _infer(sd: StateDict) -> dict:
     return cfg
 
 
-register_format(CheckpointFormat(
-    name="official-convmlp", family="convmlp", build=_build, to_model_keys=dict,
-    matches=_matches, infer_config=_infer, input_size=lambda c: (3, 224, 224),
-    description="ConvMLP, SHI-Labs Convolutional-MLPs keys",
-))
+register_format(
+    "official-convmlp", family="convmlp", build=_build, matches=_matches, infer_config=_infer,
+    input_size=lambda c: (3, 224, 224), resize=_resize, description="ConvMLP, SHI-Labs Convolutional-MLPs keys",
+)
 register_config("convmlp_s", "official-convmlp", "ConvMLP-S (9.0M)", blocks=[2, 4, 2], dims=[128, 256, 512],
                 mlp_ratios=[2, 2, 2], channels=64, n_conv_blocks=2, classifier_head=True, num_classes=1000)
 register_config("convmlp_m", "official-convmlp", "ConvMLP-M (17.4M)", blocks=[3, 6, 3], dims=[128, 256, 512],

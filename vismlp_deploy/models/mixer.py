@@ -38,8 +38,9 @@ from ..errors import CheckpointError
 from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from .layers import clone_linear, exporting
-from .registry import CheckpointFormat, StateDict, register_config, register_format
+from .registry import StateDict, has_keys, register_config, register_format
 from .resmlp import (ChannelMlp, PatchStem, check_timm_args, count_blocks, fixed_input_size, fold_head_through_mean,
+                     resize_img_size,
                      need, square_grid, token_count)
 
 LN_EPS = 1e-6
@@ -188,11 +189,11 @@ def infer_timm(sd: StateDict) -> dict:
                 embed_dim=dim, mlp_ratio=[_ratio_for(tokens_dim, dim), _ratio_for(channels_dim, dim)])
 
 
-register_format(CheckpointFormat(
-    "timm-mixer", "mixer", build_timm, dict,
-    lambda sd: "stem.proj.weight" in sd and "blocks.0.mlp_tokens.fc1.weight" in sd,
-    infer_timm, fixed_input_size, "MLP-Mixer, timm MlpMixer (MixerBlock) keys",
-))
+register_format(
+    "timm-mixer", family="mixer", build=build_timm, infer_config=infer_timm, input_size=fixed_input_size,
+    resize=resize_img_size, matches=has_keys("stem.proj.weight", "blocks.0.mlp_tokens.fc1.weight"),
+    description="MLP-Mixer, timm MlpMixer (MixerBlock) keys",
+)
 
 for _size, _dim, _depth in (("s", 512, 8), ("b", 768, 12), ("l", 1024, 24)):
     for _patch in (16, 32):

@@ -19,7 +19,7 @@ from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from ._repmlp_common import split_hw
 from .layers import ConvBN, bn_affine, clone_conv, clone_linear
-from .registry import CheckpointFormat, register_config, register_format
+from .registry import register_config, register_format
 
 
 class RepMLP(nn.Module):
@@ -236,17 +236,17 @@ def _infer_res50(sd: Mapping[str, Tensor]) -> dict:
         "(checkpoints written by vismlp-deploy carry it)")
 
 
-def _identity_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return dict(sd)
-
-
-register_format(CheckpointFormat(
-    "official-repmlp-block-c946c5e", "repmlp-block", _build_block, _identity_keys, _matches_block,
-    _infer_block, _input_size_block, "original RepMLP block, DingXiaoH/RepMLP@c946c5e repmlp.py"))
-register_format(CheckpointFormat(
-    "vismlp-repmlp-res50", "repmlp-res50", lambda cfg: RepMLPResNet(**cfg), _identity_keys, _matches_res50,
-    _infer_res50, lambda cfg: (cfg.get("in_channels", 3), cfg.get("image_size", 224), cfg.get("image_size", 224)),
-    "ResNet-50 with RepMLP bottlenecks (RepMLP paper), vismlp-deploy key layout"))
+register_format(
+    "official-repmlp-block-c946c5e", family="repmlp-block", build=_build_block, matches=_matches_block,
+    infer_config=_infer_block, input_size=_input_size_block,
+    description="original RepMLP block, DingXiaoH/RepMLP@c946c5e repmlp.py",
+)
+register_format(
+    "vismlp-repmlp-res50", family="repmlp-res50", build=lambda cfg: RepMLPResNet(**cfg), matches=_matches_res50,
+    infer_config=_infer_res50,
+    input_size=lambda cfg: (cfg.get("in_channels", 3), cfg.get("image_size", 224), cfg.get("image_size", 224)),
+    description="ResNet-50 with RepMLP bottlenecks (RepMLP paper), vismlp-deploy key layout",
+)
 
 register_config("repmlp_res50_light", "vismlp-repmlp-res50",
                 "RepMLP-Res50: RepMLP bottlenecks in c4 (14x14 map, 7x7 partitions), g=4, r=8",

@@ -22,7 +22,7 @@ from ..reparam.walker import ReparamContext
 from ._repmlp_common import (fold_conv_bn_, fold_sharesets_fc_,
                              min_input_side, sharesets_partition, sharesets_reassemble, split_hw)
 from .layers import ConvBN, bn_affine, clone_conv, clone_linear
-from .registry import CheckpointFormat, register_config, register_format
+from .registry import register_config, register_format
 
 
 class ConvBNReLU(nn.Sequential):
@@ -316,18 +316,27 @@ def _input_size(config: dict) -> tuple[int, int, int]:
     return (config.get("in_channels", 3), min_input_side(config["hs"], ph), min_input_side(config["ws"], pw))
 
 
-def _identity_keys(sd: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    return dict(sd)
+def _resize(config: dict, size: tuple[int, int]) -> dict:
+    """A larger map splits into more partitions of the same h x w (fc3 is shared by all of them):
+    any multiple of the smallest side, same config."""
+    _, h, w = _input_size(config)
+    if size[0] % h or size[1] % w:
+        raise ValueError(f"each side must be a multiple of the partition grid's side ({h}x{w})")
+    return config
 
 
-register_format(CheckpointFormat(
-    "official-repmlpnet", "repmlpnet", _build(False), _identity_keys, _matches(False), _infer_config(False),
-    _input_size, "RepMLPNet, DingXiaoH/RepMLP repmlpnet.py (train-time keys)"))
+register_format(
+    "official-repmlpnet", family="repmlpnet", build=_build(False), resize=_resize, matches=_matches(False),
+    infer_config=_infer_config(False), input_size=_input_size,
+    description="RepMLPNet, DingXiaoH/RepMLP repmlpnet.py (train-time keys)",
+)
 # The official deploy keys (fc3 with bias, no fc3_bn/repconv) load into the same module
 # tree with deploy=True (reparam_conv_k is then unused and not recorded by the keys).
-register_format(CheckpointFormat(
-    "official-repmlpnet-deploy", "repmlpnet", _build(True), _identity_keys, _matches(True),
-    _infer_config(True), _input_size, "RepMLPNet after the official locality injection (fc3 with bias)"))
+register_format(
+    "official-repmlpnet-deploy", family="repmlpnet", build=_build(True), resize=_resize, matches=_matches(True),
+    infer_config=_infer_config(True), input_size=_input_size,
+    description="RepMLPNet after the official locality injection (fc3 with bias)",
+)
 
 _COMMON = dict(in_channels=3, num_class=1000, patch_size=[4, 4], reparam_conv_k=[1, 3], globalperceptron_reduce=4)
 _P224, _P256 = [56, 28, 14, 7], [64, 32, 16, 8]

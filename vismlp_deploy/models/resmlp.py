@@ -31,7 +31,7 @@ from ..errors import CheckpointError
 from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from .layers import clone_linear, exporting
-from .registry import CheckpointFormat, StateDict, register_config, register_format
+from .registry import StateDict, has_keys, register_config, register_format
 
 
 # ------------------------------------------------------------------ shared pieces
@@ -266,10 +266,6 @@ def build_deit(config: dict) -> ResMLP:
                   4, config.get("init_scale", 1e-4))
 
 
-def _identity(sd: StateDict) -> dict[str, Tensor]:
-    return dict(sd)
-
-
 _DEIT_RENAMES = ((r"^patch_embed\.", "stem."), (r"\.attn\.", ".linear_tokens."), (r"\.mlp\.", ".mlp_channels."),
                  (r"\.gamma_(\d)$", r".ls\1"))
 
@@ -321,16 +317,25 @@ def fixed_input_size(config: dict) -> tuple[int, int, int]:
     return config.get("in_chans", 3), h, w
 
 
-register_format(CheckpointFormat(
-    "timm-resmlp", "resmlp", build_timm, _identity,
-    lambda sd: "stem.proj.weight" in sd and "blocks.0.linear_tokens.weight" in sd,
-    infer_timm, fixed_input_size, "ResMLP, timm MlpMixer(block_layer=ResBlock, norm_layer=Affine) keys",
-))
-register_format(CheckpointFormat(
-    "official-deit-resmlp", "resmlp", build_deit, deit_to_timm_keys,
-    lambda sd: "patch_embed.proj.weight" in sd and "blocks.0.attn.weight" in sd and "blocks.0.gamma_1" in sd,
-    infer_deit, fixed_input_size, "ResMLP, facebookresearch/deit resmlp_models.py keys",
-))
+def resize_img_size(config: dict, size: tuple[int, int]) -> dict:
+    """``img_size`` at another size (the token-mixing weights then have another shape: a
+    checkpoint made for one size does not load at another)."""
+    patch = config.get("patch_size", 16)
+    if size[0] % patch or size[1] % patch:
+        raise ValueError(f"each side must be a multiple of the patch size {patch}")
+    return {**config, "img_size": size[0] if size[0] == size[1] else list(size)}
+
+
+register_format(
+    "timm-resmlp", family="resmlp", build=build_timm, infer_config=infer_timm, input_size=fixed_input_size,
+    resize=resize_img_size, matches=has_keys("stem.proj.weight", "blocks.0.linear_tokens.weight"),
+    description="ResMLP, timm MlpMixer(block_layer=ResBlock, norm_layer=Affine) keys",
+)
+register_format(
+    "official-deit-resmlp", family="resmlp", build=build_deit, infer_config=infer_deit, input_size=fixed_input_size,
+    resize=resize_img_size, to_model_keys=deit_to_timm_keys, matches=has_keys("patch_embed.proj.weight", "blocks.0.attn.weight", "blocks.0.gamma_1"),
+    description="ResMLP, facebookresearch/deit resmlp_models.py keys",
+)
 
 for _name, _patch, _depth, _dim, _init in (("resmlp_12", 16, 12, 384, None), ("resmlp_24", 16, 24, 384, 1e-5),
                                            ("resmlp_36", 16, 36, 384, 1e-6), ("resmlp_big_24", 8, 24, 768, 1e-6)):

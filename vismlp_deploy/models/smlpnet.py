@@ -30,7 +30,7 @@ from ..errors import CheckpointError, UserError
 from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from .layers import clone_linear, fuse_conv_bn
-from .registry import CONFIGS, CheckpointFormat, StateDict, register_config, register_format
+from .registry import CONFIGS, StateDict, register_config, register_format
 
 LN_EPS = 1e-5
 
@@ -224,11 +224,19 @@ def _infer_config(sd: StateDict) -> dict:
 
 
 FORMAT = "official-smlpnet"
-register_format(CheckpointFormat(
-    name=FORMAT, family="smlpnet", build=_build, to_model_keys=dict, matches=_matches, infer_config=_infer_config,
+def _resize(config: dict, size: tuple[int, int]) -> dict:
+    """``image_size`` at another size (the token-mixing weights are sized by it)."""
+    step = config.get("patch_size", 4) * 2 ** (len(config.get("depths", (2, 8, 14, 2))) - 1)
+    if size[0] != size[1] or size[0] % step:
+        raise ValueError(f"sMLPNet takes square inputs whose side is a multiple of {step}")
+    return {**config, "image_size": size[0]}
+
+
+register_format(
+    FORMAT, family="smlpnet", build=_build, resize=_resize, matches=_matches, infer_config=_infer_config,
     input_size=lambda c: (c.get("in_chans", 3), c.get("image_size", 224), c.get("image_size", 224)),
     description="sMLPNet (microsoft/SPACH smlp.py keys, incl. the 'proh_w' spelling); fixed input size",
-))
+)
 for _name, _dim, _depths, _dp in (("smlpnet_t", 80, [2, 8, 14, 2], 0.0), ("smlpnet_s", 96, [2, 10, 24, 2], 0.2),
                                   ("smlpnet_b", 112, [2, 10, 24, 2], 0.3)):
     register_config(_name, FORMAT, f"sMLPNet-{_name[-1].upper()}, 224px (fixed size)", in_chans=3, dim=_dim, alpha=3,
