@@ -1,6 +1,10 @@
 """Shared test utilities: the equivalence measure of the numerics policy."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
 import torch
 
 FP32_RTOL = 1e-5
@@ -19,3 +23,12 @@ def assert_close(y: torch.Tensor, ref: torch.Tensor, rtol: float | None = None) 
         rtol = FP64_RTOL if ref.dtype == torch.float64 else FP32_RTOL
     err = rel_err(y, ref)
     assert err <= rtol, f"relative error {err:.3e} > {rtol:.0e}"
+
+
+def load_script(name: str) -> ModuleType:
+    """A script of ``benchmarks/`` imported as a module (its functions are tested like the package's)."""
+    path = Path(__file__).parent.parent / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -14,15 +14,14 @@ import pytest
 import torch
 
 from vismlp_deploy.cli import main
-from vismlp_deploy.models.registry import FORMATS, _ensure_loaded
+from vismlp_deploy.models.registry import FORMATS, formats
 
 GOLDENS = Path(__file__).parent / "conformance"
 
 
 def _golden_sd(name: str) -> dict:
     case = torch.load(GOLDENS / f"{name}.pt", weights_only=True)
-    _ensure_loaded()
-    if case["format"] not in FORMATS:
+    if case["format"] not in formats():
         pytest.skip(f"format {case['format']} not registered yet")
     return dict(case["state_dict"])
 
@@ -186,14 +185,25 @@ def test_existing_output_is_not_overwritten(tmp_path: Path, capsys) -> None:
     _fails(_convert(path), tmp_path, capsys, "exists; pass --force")
 
 
-def test_deploy_artifact_is_not_a_train_checkpoint(tmp_path: Path, capsys) -> None:
+def test_deploy_artifact_is_not_converted_to_pt_again(tmp_path: Path, capsys) -> None:
+    src = _save(tmp_path, _golden_sd("mixer_timm"))
+    assert main(_convert(src)) == 0
+    capsys.readouterr()
+    path = tmp_path / "out.deploy.pt"
+    _fails(["convert", str(path), "--to", "pt", "--out", str(tmp_path / "again.deploy.pt")], tmp_path, capsys,
+           "already a deploy artifact")
+
+
+def test_broken_deploy_artifact(tmp_path: Path, capsys) -> None:
     path = tmp_path / "m.deploy.pt"
-    torch.save({"vismlp_deploy": {"arch": "timm-mixer", "config": {}, "form": "deploy"}, "state_dict": {"w": torch.ones(1)}}, path)
-    _fails(_convert(path), tmp_path, capsys, "already re-parameterized")
+    meta = {"arch": "timm-mixer", "config": {}, "form": "deploy", "input_size": [3, 224, 224]}
+    torch.save({"vismlp_deploy": meta, "state_dict": {"w": torch.ones(1)}}, path)
+    _fails(["convert", str(path), "--to", "onnx"], tmp_path, capsys, "do not fit the rebuilt deploy structure")
 
 
-def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    from vismlp_deploy.errors import CheckpointError
-
-    with pytest.raises(CheckpointError):
-        main(["convert", str(tmp_path / "nope.pth"), "--debug"])
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path: Path, capsys, where: str) -> None:
+    cmd = ["convert", str(tmp_path / "nope.pth")]
+    assert main(["--debug", *cmd] if where == "before" else [*cmd, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "UserError" in err and err.strip().splitlines()[-1].startswith("error:")

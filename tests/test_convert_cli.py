@@ -11,7 +11,7 @@ from helpers import assert_close
 from test_export_onnx import Toy
 from vismlp_deploy.cli import main
 from vismlp_deploy.models.init import randomize_
-from vismlp_deploy.models.registry import CheckpointFormat, FORMATS
+from vismlp_deploy.models.registry import FORMATS, register_format
 from vismlp_deploy.runtime.ort_runner import OrtRunner
 
 ARCH = "test-convert-toy"
@@ -20,10 +20,9 @@ ARCH = "test-convert-toy"
 @pytest.fixture
 def ckpt(tmp_path):
     """A checkpoint of the hand-made model under a temporarily registered format."""
-    FORMATS[ARCH] = CheckpointFormat(
-        name=ARCH, family="toy", build=lambda cfg: Toy(**cfg), to_model_keys=dict,
-        matches=lambda sd: "mlp1.norm.alpha" in sd, infer_config=lambda sd: {"dim": sd["stem.conv.weight"].shape[0]},
-        input_size=lambda cfg: (3, 16, 16), description="test model")
+    register_format(ARCH, family="toy", build=lambda cfg: Toy(**cfg), matches=lambda sd: "mlp1.norm.alpha" in sd,
+                    infer_config=lambda sd: {"dim": sd["stem.conv.weight"].shape[0]},
+                    input_size=lambda cfg: (3, 16, 16), description="test model")
     path = tmp_path / "toy.pth"
     torch.save(randomize_(Toy(), seed=3).state_dict(), path)
     yield path
@@ -39,7 +38,7 @@ def _convert(capsys, *argv) -> tuple[int, dict | None, str]:
 def _stage_rows(doc: dict) -> list[str]:
     for row in doc["proof"]:
         assert {"max_abs", "rel", "cosine", "top1", "tolerance", "passed"} <= set(row)
-    return [row["stage"] for row in doc["proof"]]
+    return [row["candidate"] for row in doc["proof"]]
 
 
 def test_to_onnx_proves_every_stage(ckpt, capsys):
@@ -58,7 +57,7 @@ def test_to_onnx_proves_every_stage(ckpt, capsys):
 
 
 def test_to_onnx_static_batch(ckpt, capsys):
-    code, doc, _ = _convert(capsys, ckpt, "--to", "onnx", "--batch", "2", "--out", ckpt.with_name("s.onnx"))
+    code, doc, _ = _convert(capsys, ckpt, "--to", "onnx", "--static-batch", "2", "--out", ckpt.with_name("s.onnx"))
     assert code == 0 and doc["passed"] and doc["onnx"]["dynamic_batch"] is False
     assert OrtRunner(ckpt.with_name("s.onnx")).static_batch == 2
 

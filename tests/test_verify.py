@@ -56,6 +56,7 @@ def test_parse_runner():
     assert parse_runner("train") == ("torch", "train")
     assert parse_runner("onnxruntime") == ("onnxruntime", "deploy")
     assert parse_runner("torch-compile:train") == ("torch-compile", "train")
+    assert parse_runner("onnxruntime:train") == ("onnxruntime", "train")
     with pytest.raises(Exception, match="unknown runner"):
         parse_runner("tflite")
 
@@ -110,7 +111,7 @@ def test_bisect_clean_forms_and_fold_across_a_boundary():
 
 
 def test_cli_verify_json_with_bisect(ckpt, capsys):
-    rc = main(["verify", str(ckpt), "--images", "none", "--batch", "2", "--bisect", "--json"])
+    rc = main(["verify", str(ckpt), "--images", "none", "--proof-batch", "2", "--bisect", "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert rc == 0 and doc["passed"] and doc["bisect"]["first_divergent"] is None
     assert {c["candidate"] for c in doc["comparisons"]} == {"deploy", "onnxruntime"}

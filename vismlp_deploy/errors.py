@@ -23,3 +23,7 @@ class NotExactError(VisMLPError):
 
 class VerificationError(VisMLPError):
     """A deploy form, an export or an engine did not reproduce the reference outputs."""
+
+
+class VisMLPWarning(UserWarning):
+    """Something a user should know that does not stop the work (the CLI prints these as ``warning:``)."""

@@ -16,6 +16,7 @@ def candidate(runner: Runner, x: Tensor, cuda_graphs: bool = False) -> Candidate
     per-kernel launch cost). Other runners are timed on the host, closed by their
     ``synchronize``.
     """
+    runner.activate()
     native = runner.prepare(x)
     on_cuda = isinstance(runner, TorchRunner) and runner.device.startswith("cuda")
     if on_cuda and cuda_graphs:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from pathlib import Path
 
 from .sweep import BenchResult, Record
@@ -65,13 +66,15 @@ def write_png(result: BenchResult, path: Path) -> None:
     for ax in list(axes.flat)[len(models):]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     dev = result.machine.get("gpu") or result.machine.get("cpu", "")
-    fig.suptitle(f"images/s vs batch (dashed: train form, solid: deploy form) — {dev}, "
-                 f"{result.machine.get('threads')} threads", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 0.96))
-    fig.savefig(path, dpi=110)
+    # wrapped to the figure's width, and saved with a tight bounding box: nothing is clipped, one panel or many
+    title = f"images/s vs batch (dashed: train form, solid: deploy form) — {dev}, {result.machine.get('threads')} threads"
+    fig.suptitle(textwrap.fill(title, width=int(16 * 4.2 * cols)), fontsize=10)
+    fig.tight_layout()
+    if handles:
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=max(1, min(len(labels), 2 * cols)),
+                   fontsize=8, frameon=False)
+    fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
 
 

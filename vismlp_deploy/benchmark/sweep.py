@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
 from ..reparam.report import count_flops
-from ..verification.proof import proof_inputs
+from ..verification.inputs import random_images
 from ..runtime.source import Source
+from ..runtime.backends import default_backends
 from ..runtime.factory import RunnerFactory, Unavailable
 from .calls import candidate
 from .machine import machine_info
@@ -29,7 +30,7 @@ from .timing import measure, paired_ratios
 
 @dataclass
 class SweepConfig:
-    backends: tuple[str, ...] = ("torch", "onnxruntime")
+    backends: tuple[str, ...] | None = None  # default: the device's default backends that can run here
     batch_sizes: tuple[int, ...] = (1, 8, 32)
     extra_batch_sizes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # source name -> more batches
     precisions: tuple[str, ...] = ("fp32",)
@@ -142,6 +143,8 @@ def run_sweep(sources: Iterable[Source], cfg: SweepConfig, n_sources: int = 1,
 
 
 def _run(sources, cfg: SweepConfig, n_sources: int, on_step, exported) -> BenchResult:
+    if cfg.backends is None:
+        cfg = replace(cfg, backends=default_backends(cfg.device))
     threads = _set_threads(cfg)
     result = BenchResult(machine=machine_info(cfg.device, threads), settings={**asdict(cfg), "threads": threads})
     peak_sizes = cfg.peak_sizes or ((1024, 2048) if cfg.device == "cpu" else (4096, 8192))
@@ -209,7 +212,7 @@ def _family(source: Source) -> str | None:
 def _sweep_one(source: Source, cfg: SweepConfig, factory: RunnerFactory, result: BenchResult,
                step: Callable[[str], None]) -> None:
     family = _family(source)
-    example = proof_inputs(source.input_size, 1, cfg.seed)
+    example = random_images(source.input_size, 1, cfg.seed)
     flops = {form: count_flops(m, example) for form, m in source.forms.items()}
     for backend in cfg.backends:
         for precision in cfg.precisions:
@@ -226,6 +229,8 @@ def _sweep_one(source: Source, cfg: SweepConfig, factory: RunnerFactory, result:
             for batch in _batches(cfg, source.name):
                 step(f"{source.name} {backend} {precision} batch {batch}")
                 _measure_group(source, family, backend, precision, batch, runners, flops, cfg, result)
+            for runner in runners.values():
+                runner.deactivate()
             del runners
 
 
@@ -234,7 +239,7 @@ def _batches(cfg: SweepConfig, name: str) -> list[int]:
 
 
 def _measure_group(source, family, backend, precision, batch, runners, flops, cfg: SweepConfig, result: BenchResult) -> None:
-    x = proof_inputs(source.input_size, batch, cfg.seed)
+    x = random_images(source.input_size, batch, cfg.seed)
     cands = {}
     for form, runner in runners.items():
         try:  # the first warm-up call: compile/capture failures become a skip, not a crash

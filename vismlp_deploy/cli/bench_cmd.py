@@ -1,170 +1,121 @@
-"""``vismlp-deploy bench MODEL|zoo``: images/s and latency per backend × form × batch × precision."""
+"""``vismlp-deploy bench MODEL...``: images/s and latency per backend × form × batch × precision."""
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
+import warnings
 from pathlib import Path
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..errors import UserError
-from .common import console, print_json
-from .verify_cmd import add_source_arguments, source_from_args
+from ..errors import UserError, VisMLPWarning
+from ..precision import PRECISIONS
+from ..runtime.backends import backends_help, get_backend
+from .common import (VERBOSITY, bounded_int, check_device, check_output, console, device, int_list, name_list,
+                     nonnegative_int, positive_float, positive_int, print_json, print_table, say, styled)
+from .model_args import add_model_arguments, load_model, model_specs
 
-# `bench zoo` on a 2-core CPU: ONNX Runtime and eager torch, fp32, the batches the targets are stated at
-# (8: deploy/train ratios for every config; 16 in addition for the models of the GEMM-peak target),
-# 3 rounds minimum and a capped measuring time
-ZOO_DEFAULTS = {"backends": "onnxruntime,torch", "batch_sizes": "8", "repeats": 20, "max_time": 2.0, "warmup": 1}
-DEFAULTS = {"backends": "torch,torch-compile,onnxruntime,tensorrt", "batch_sizes": "1,8,32", "repeats": 10,
-            "max_time": 10.0, "warmup": 2}
+DEFAULTS = {"batch_sizes": (1, 8, 32), "repeats": 10, "max_time": 10.0, "warmup": 2}
+BATCHES = bounded_int(1, 65536)
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {text!r}")
-    return vals
+def add_timing_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
+    """The sweep options shared by ``bench`` and ``bench-zoo``."""
+    p.add_argument("--backends", type=name_list,
+                   help=f"comma-separated (default: the device's default backends that run here). {backends_help()}")
+    p.add_argument("--batch-sizes", type=int_list, metavar="N,N,...",
+                   help=f"comma-separated, each 1..65536 (default {','.join(map(str, defaults['batch_sizes']))})")
+    p.add_argument("--precision", type=name_list, default=("fp32",),
+                   help=f"comma-separated subset of {', '.join(PRECISIONS)} (default fp32)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads for torch and ONNX Runtime (default: torch's)")
+    p.add_argument("--warmup", type=nonnegative_int, default=defaults["warmup"],
+                   help=f"warm-up calls per form (default {defaults['warmup']})")
+    p.add_argument("--repeats", type=bounded_int(1, 100000), default=defaults["repeats"],
+                   help=f"interleaved timed rounds (default {defaults['repeats']})")
+    p.add_argument("--max-time", type=positive_float, default=defaults["max_time"],
+                   help=f"seconds after which a group stops repeating (at least 3 rounds; default {defaults['max_time']})")
+    p.add_argument("--cuda-graphs", action="store_true", help="CUDA torch runners: time CUDA graph replays")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_source_arguments(p)
-    p.epilog = ("MODEL 'zoo' sweeps every named config (--families to narrow) and writes benchmarks.md/.csv/.png "
-                f"into --out-dir; its defaults: {ZOO_DEFAULTS}, plus batch 16 for the models of the GEMM-peak "
-                "target unless --batch-sizes is given")
-    p.add_argument("--backends", help=f"comma-separated subset of torch,torch-compile,onnxruntime,tensorrt "
-                                      f"(default {DEFAULTS['backends']}; what cannot run here is reported as skipped)")
-    p.add_argument("--batch-sizes", type=_ints, help=f"comma-separated (default {DEFAULTS['batch_sizes']})")
-    p.add_argument("--precision", default="fp32", help="comma-separated subset of fp32,fp16,bf16 (default fp32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch and ONNX Runtime (default: torch's current count)")
-    p.add_argument("--warmup", type=int, help=f"warm-up calls per form (default {DEFAULTS['warmup']})")
-    p.add_argument("--repeats", type=int, help=f"interleaved timed rounds (default {DEFAULTS['repeats']})")
-    p.add_argument("--max-time", type=float, help="seconds after which a group stops repeating (at least 3 rounds; "
-                                                  f"default {DEFAULTS['max_time']})")
-    p.add_argument("--cuda-graphs", action="store_true", help="CUDA torch runners: time CUDA graph replays")
-    p.add_argument("--families", help="zoo: comma-separated families (default all)")
-    p.add_argument("--models", help="zoo: comma-separated named configs (default all of --families)")
-    p.add_argument("--export-workers", type=int, help="zoo: processes that export the ONNX files before the timing "
-                                                      "starts (default: the CPU count, at most 4)")
-    p.add_argument("--out-dir", type=Path, default=Path("docs"), help="zoo: where benchmarks.md/.csv/.png go (default docs)")
+    add_model_arguments(p, many=True)
+    p.epilog = ("examples:\n  vismlp-deploy bench resmlp_12 --backends torch,onnxruntime --batch-sizes 1,8\n"
+                "  vismlp-deploy bench model.pth --precision fp32,int8 --backends onnxruntime --csv b.csv --png b.png")
+    add_timing_arguments(p, DEFAULTS)
     p.add_argument("--csv", type=Path, help="write one CSV row per measurement")
     p.add_argument("--png", type=Path, help="write a plot of images/s vs batch size")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
 
 
-def _settings(args: argparse.Namespace, zoo: bool) -> dict:
-    d = ZOO_DEFAULTS if zoo else DEFAULTS
-    precisions = tuple(x.strip() for x in args.precision.split(",") if x.strip())
-    bad = [x for x in precisions if x not in ("fp32", "fp16", "bf16")]
-    if bad:
-        raise UserError(f"unknown precision {bad[0]!r}; choose from fp32, fp16, bf16")
-    backends = tuple(x.strip() for x in (args.backends or d["backends"]).split(",") if x.strip())
-    from ..runtime.factory import BACKENDS
+def sweep_settings(args: argparse.Namespace, defaults: dict = DEFAULTS) -> dict:
+    """SweepConfig fields from the options, checked before any work: every backend and precision exists,
+    the device is usable, and each asked-for backend can run at least one asked-for precision here."""
+    check_device(args.device)
+    for p in args.precision:
+        if p not in PRECISIONS:
+            raise UserError(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    for b in args.backends or ():
+        backend = get_backend(b)
+        if all(backend.why_not(args.device, p) for p in args.precision):
+            raise UserError(f"backend {b} cannot run here: {backend.why_not(args.device, args.precision[0])}")
+    if args.repeats == 1:
+        warnings.warn("--repeats 1: one sample per form, so the spread and the ratio quartiles mean nothing",
+                      VisMLPWarning, stacklevel=1)
+    return {"backends": args.backends, "batch_sizes": args.batch_sizes or defaults["batch_sizes"],
+            "precisions": args.precision, "device": args.device, "threads": args.threads, "warmup": args.warmup,
+            "repeats": args.repeats, "max_time_s": args.max_time, "cuda_graphs": args.cuda_graphs}
 
-    if any(b not in BACKENDS for b in backends):
-        raise UserError(f"unknown backend in {','.join(backends)}; choose from {', '.join(BACKENDS)}")
-    if args.device != "cpu":
-        import torch
 
-        if not args.device.startswith("cuda") or not torch.cuda.is_available():
-            raise UserError(f"device {args.device!r} is not usable here (torch.cuda.is_available() is "
-                            f"{torch.cuda.is_available()})")
-    return {"backends": backends, "batch_sizes": args.batch_sizes or _ints(d["batch_sizes"]), "precisions": precisions,
-            "device": args.device, "threads": args.threads, "warmup": d["warmup"] if args.warmup is None else args.warmup,
-            "repeats": args.repeats or d["repeats"], "max_time_s": args.max_time or d["max_time"],
-            "cuda_graphs": args.cuda_graphs}
+def progress_bar(json: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=json or VERBOSITY["level"] < 0)
+
+
+def step_callback(progress: Progress):
+    """``on_step(description, total)`` for the sweep: one bar, advanced before each measured group."""
+    task = None
+
+    def on_step(desc: str, total: int) -> None:
+        nonlocal task
+        if task is None:
+            task = progress.add_task(desc, total=total)
+        else:
+            progress.advance(task)
+        progress.update(task, description=desc)
+    return on_step
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..benchmark.run import bench_zoo, zoo_names
     from ..benchmark.sweep import SweepConfig, run_sweep
 
-    zoo = args.model == "zoo" and not Path("zoo").exists()
-    settings = _settings(args, zoo)
-    if zoo:
-        families = [f.strip() for f in args.families.split(",")] if args.families else None
-        names = zoo_names(families)
-        if args.models:
-            wanted = [m.strip() for m in args.models.split(",") if m.strip()]
-            unknown = [m for m in wanted if m not in names]
-            if unknown:
-                raise UserError(f"unknown or filtered-out named configs: {', '.join(unknown)}")
-            names = wanted
-        if not names:
-            raise UserError(f"no named configs in families {args.families}")
-        if not args.out_dir.is_dir():
-            raise UserError(f"output directory {args.out_dir} does not exist")
-        if not args.batch_sizes:
-            from ..benchmark.targets import PEAK_BATCH, PEAK_MODELS
-
-            settings["extra_batch_sizes"] = {m: (PEAK_BATCH,) for m in PEAK_MODELS if m in names}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
-        export_task = measure_task = None
-
-        def on_export(name: str, total: int) -> None:  # after each model's two exports
-            nonlocal export_task
-            if export_task is None:
-                export_task = progress.add_task("exporting", total=total)
-            progress.update(export_task, advance=1, description=f"exported {name} (ONNX, both forms)")
-
-        def on_step(desc: str, total: int) -> None:  # before each measured group
-            nonlocal measure_task
-            if measure_task is None:
-                measure_task = progress.add_task(desc, total=total)
-            else:
-                progress.advance(measure_task)
-            progress.update(measure_task, description=desc)
-
-        if zoo:
-            result = bench_zoo(names, seed=args.seed, on_step=on_step, export_workers=args.export_workers,
-                               on_export=on_export, **settings)
-        else:
-            source = source_from_args(args)
-            result = run_sweep([source], SweepConfig(seed=args.seed, **settings), 1, on_step)
-    if zoo:
-        _write_zoo(result, args.out_dir, len(names) == len(zoo_names()), "vismlp-deploy " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench"]
-                   else f"vismlp-deploy bench zoo --precision {args.precision}")
-    _write_outputs(result, args.csv, args.png)
+    settings = sweep_settings(args)
+    for path in (args.csv, args.png):
+        if path is not None:
+            check_output(path, args.force)
+    with console.status("loading"):
+        sources = [load_model(args, spec) for spec in model_specs(args)]
+    with progress_bar(args.json) as progress:
+        result = run_sweep(sources, SweepConfig(seed=args.seed, **settings), len(sources), step_callback(progress))
+    write_outputs(result, args.csv, args.png, args.force)
     if args.json:
         print_json(result.to_dict())
     else:
-        _print(result)
+        print_result(result)
     return 0
 
 
-def _write_outputs(result, csv: Path | None, png: Path | None) -> None:
+def write_outputs(result, csv: Path | None, png: Path | None, force: bool) -> None:
     from ..benchmark.report import write_csv, write_png
+    from .common import atomic_output
 
-    if csv:
-        write_csv(result, csv)
-    if png:
-        write_png(result, png)
-
-
-def _write_zoo(result, out_dir: Path, everything: bool, command: str) -> None:
-    from ..benchmark.report import write_csv, write_markdown, write_png
-    from ..benchmark.targets import target_lines
-
-    write_csv(result, out_dir / "benchmarks.csv")
-    write_png(result, out_dir / "benchmarks.png")
-    what = "Every named config of every family" if everything else "The named configs listed in the command below"
-    intro = [f"{what}, train form against deploy form, measured by `bench zoo` on the machine below. Weights are "
-             "random (`randomize_`), which does not change the speed.", ""]
-    if not result.machine.get("gpu"):
-        intro += ["CUDA paths (CUDA-event timing, `--cuda-graphs` via `torch.cuda.CUDAGraph`, TensorRT) exist "
-                  "but were not run for this report (no GPU).", ""]
-    write_markdown(result, out_dir / "benchmarks.md", command=command, csv_name="benchmarks.csv",
-                   png_name="benchmarks.png", intro=intro, targets=target_lines(result))
-    console.print(f"wrote {out_dir / 'benchmarks.md'}, benchmarks.csv, benchmarks.png")
+    for path, write in ((csv, write_csv), (png, write_png)):
+        if path is not None:
+            with atomic_output(path, force) as tmp:
+                write(result, tmp)
 
 
-def _print(result) -> None:
+def print_result(result) -> None:
     ratios = result.ratio_index()
     peaks = ", ".join(f"{p} {pk.gflops:.1f}" for p, pk in result.peaks.items())
     t = Table(title=f"images/s ({result.machine.get('gpu') or result.machine.get('cpu')}, "
@@ -180,7 +131,8 @@ def _print(result) -> None:
                   "–" if r.gflops_per_sec is None else f"{r.gflops_per_sec:.1f}",
                   "–" if r.fraction_of_peak is None else f"{r.fraction_of_peak:.0%}",
                   "" if ratio is None else f"{ratio.deploy_over_train:.2f}x")
-    console.print(t)
+    print_table(t)
     for s in result.skipped:
-        console.print(f"[yellow]skipped[/yellow] {s.model} {s.backend} {s.precision} {s.form}"
-                      f"{'' if s.batch is None else f' batch {s.batch}'}: {s.reason}")
+        say(styled("skipped ", "yellow"), f"{s.model} {s.backend} {s.precision} {s.form}"
+            f"{'' if s.batch is None else f' batch {s.batch}'}: {s.reason}")
+

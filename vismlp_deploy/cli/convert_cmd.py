@@ -1,160 +1,350 @@
-"""``vismlp-deploy convert CKPT --to pt|onnx|trt``: re-parameterize, export, prove.
+"""``vismlp-deploy convert MODEL... --to pt|onnx|trt``: re-parameterize, export, prove.
 
-Stages run in order and each produced stage is proven against the train form
-(train -> deploy -> ONNX Runtime -> TensorRT). A stage that fails its proof leaves no
-artifact of its own (exit 1); ``--to trt`` writes and proves the ONNX before it needs
-TensorRT, so a missing TensorRT or GPU (exit 2) loses nothing.
+Stages run in order and each produced stage is proven against the reference (the train
+form in fp32; a deploy artifact's own form; a given ONNX file on ONNX Runtime):
+train -> deploy -> ONNX Runtime (fp32) -> [int8 Q/DQ] -> TensorRT. A stage that fails its
+proof leaves no artifact of its own (exit 1); ``--to trt`` writes and proves the ONNX before
+it needs TensorRT, so a missing TensorRT or GPU (exit 2) loses nothing. Several MODELs
+convert one after the other, one result line each; the exit code is the worst of them.
 """
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from ..errors import UserError, VerificationError
-from ..export.torch_artifact import save_model
-from ..reparam import reparameterize
-from ..verification.proof import proof_inputs, proof_table, prove_stage
-from .common import atomic_output, check_writable, console, print_json
-from .inspect_cmd import _print_report
-from .load_args import add_checkpoint_arguments, load_from_args
+from ..precision import PRECISIONS
+from ..runtime.source import Source
+from ..verification.compare import Comparison
+from ..verification.inputs import random_images
+from ..verification.proof import prove_stage
+from .common import (bounded_int, check_output, console, print_json, print_table, say, styled, VERBOSITY)
+from .inspect_cmd import print_report
+from .model_args import add_model_arguments, load_model, model_specs
 
 SUFFIX = {"pt": ".deploy.pt", "onnx": ".onnx", "trt": ".engine"}
+TARGET_PRECISIONS = {"pt": ("fp32",), "onnx": ("fp32", "int8"), "trt": ("fp32", "tf32", "fp16", "bf16", "int8")}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..export.onnx import DEFAULT_OPSET, OPSETS
-    from ..export.tensorrt import PRECISIONS
 
-    add_checkpoint_arguments(p)
+    add_model_arguments(p, many=True)
+    p.epilog = ("examples:\n  vismlp-deploy convert resmlp_12.pth --to onnx\n"
+                "  vismlp-deploy convert runs/*.pth --to onnx --out-dir exported/\n"
+                "  vismlp-deploy convert model.pth --to onnx --precision int8 --calib images/ --calib-count 256\n"
+                "  vismlp-deploy convert model.pth --to trt --precision fp16 --dynamic-batch 1:16:64\n"
+                "  vismlp-deploy convert model.onnx --to trt   (an existing ONNX: the engine only)")
     p.add_argument("--to", choices=sorted(SUFFIX), default="pt", help="artifact to produce (default pt)")
-    p.add_argument("--out", type=Path, help="output path (default: CKPT stem + .deploy.pt/.onnx/.engine; "
-                                            "--to trt also writes the ONNX beside the engine)")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--out", type=Path, help="output path, one MODEL only (default: MODEL's name with the "
+                                              "artifact's suffix, beside it; --to trt also keeps the ONNX beside the engine)")
+    out.add_argument("--out-dir", type=Path, help="directory for the outputs (default: beside each MODEL)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
-    p.add_argument("--proof-batch", type=int, default=8, help="images in the equivalence proof batch (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the proof inputs")
-    p.add_argument("--json", action="store_true", help="print one JSON document on stdout")
+    p.add_argument("--precision", choices=list(PRECISIONS), help="precision of the artifact: onnx fp32 or int8 (Q/DQ); "
+                                                                 "trt fp32, tf32, fp16, bf16 or int8 (default fp32; "
+                                                                 "trt: fp16)")
+    p.add_argument("--proof-batch", type=bounded_int(1, 4096), default=8,
+                   help="random images in the equivalence proof (default 8)")
     g = p.add_argument_group("onnx / trt")
     batch = g.add_mutually_exclusive_group()
-    batch.add_argument("--batch", type=int, help="export a static batch of this size instead of a dynamic one")
+    batch.add_argument("--static-batch", type=bounded_int(1, 65536), metavar="N",
+                       help="export a static batch of N instead of a dynamic one")
     batch.add_argument("--dynamic-batch", default="1:8:32", metavar="MIN:OPT:MAX",
                        help="dynamic batch; MIN:OPT:MAX is the TensorRT optimization profile (default 1:8:32)")
     g.add_argument("--opset", type=int, choices=OPSETS, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     g.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
-    g.add_argument("--precision", choices=PRECISIONS, default="fp16", help="TensorRT engine precision (default fp16)")
-    g.add_argument("--workspace-gib", type=float, default=4.0, help="TensorRT workspace limit in GiB (default 4)")
+    g.add_argument("--workspace-gib", type=bounded_int(1, 1024), default=4, help="TensorRT workspace limit (default 4)")
     g.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (default: per version/GPU in ~/.cache)")
+    add_calibration_arguments(p)
 
 
-def default_out(ckpt: Path, to: str) -> Path:
-    stem = ckpt.name.split(".")[0]
-    return ckpt.with_name(stem + SUFFIX[to])
+def add_calibration_arguments(p: argparse.ArgumentParser, guard: bool = True) -> None:
+    """--calib & co (int8; ``guard``: the accuracy guard's --min-agreement), and the image normalization."""
+    from ..verification.images import IMAGENET_MEAN, IMAGENET_STD
+    from .common import fraction, nonzero_three_floats, three_floats
+
+    g = p.add_argument_group("real images and int8 calibration")
+    g.add_argument("--calib", type=Path, metavar="PATH",
+                   help="calibration inputs: a directory of images (flat or one sub-folder per class), or a .npy/.npz "
+                        "of preprocessed (N, C, H, W) float32 inputs; needed for --precision int8")
+    g.add_argument("--calib-count", type=bounded_int(1, 1 << 20), default=512,
+                   help="calibration images to use (default 512; a quarter more are held out to measure agreement)")
+    if guard:
+        g.add_argument("--min-agreement", type=fraction, default=0.99,
+                       help="int8: top-1 agreement with fp32 required on held-out images; below it the most sensitive "
+                            "nodes stay float until it is met (0: no fallback; default 0.99)")
+    g.add_argument("--mean", type=three_floats, default=IMAGENET_MEAN, help="image normalization mean R,G,B "
+                                                                            "(default ImageNet's)")
+    g.add_argument("--std", type=nonzero_three_floats, default=IMAGENET_STD, help="image normalization std R,G,B "
+                                                                                  "(default ImageNet's)")
+
+
+def default_out(spec: str, to: str, precision: str, out_dir: Path | None) -> Path:
+    """MODEL's whole name minus its last suffix (and ``.deploy``), with the artifact's suffix:
+    ``run.ep10.pth`` -> ``run.ep10.onnx``; a named config goes into the current directory."""
+    path = Path(spec)
+    stem = path.stem if path.suffix else path.name
+    stem = stem.removesuffix(".deploy")
+    suffix = (".int8" if precision == "int8" and to == "onnx" else "") + SUFFIX[to]
+    folder = out_dir if out_dir is not None else (path.parent if path.is_file() else Path("."))
+    return folder / (stem + suffix)
+
+
+def _precision(args: argparse.Namespace) -> str:
+    p = args.precision or ("fp16" if args.to == "trt" else "fp32")
+    if p not in TARGET_PRECISIONS[args.to]:
+        raise UserError(f"--to {args.to} makes {', '.join(TARGET_PRECISIONS[args.to])} artifacts, not {p}"
+                        + ("; the ONNX graph of fp16/bf16 is made by the TensorRT build (--to trt)"
+                           if args.to == "onnx" else ""))
+    if p == "int8" and args.calib is None:
+        raise UserError("--precision int8 needs calibration inputs: --calib DIR_OR_NPY")
+    return p
 
 
 def run(args: argparse.Namespace) -> int:
     from ..export.tensorrt import parse_dynamic_batch
 
-    out = args.out or default_out(args.checkpoint, args.to)
-    onnx_out = out if args.to == "onnx" else out.with_suffix(".onnx")
-    for path in {out, onnx_out} if args.to != "pt" else {out}:
-        check_writable(path, args.force)  # fail before any work
-    profile = (args.batch,) * 3 if args.batch else parse_dynamic_batch(args.dynamic_batch)
-    doc = {"checkpoint": str(args.checkpoint), "to": args.to, "artifacts": {}, "timings": {}}
-    proofs: list = []
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=console, transient=True, disable=args.json) as progress:
-        def stage(desc: str, key: str, fn):
-            task = progress.add_task(desc, total=None)
-            t0 = time.perf_counter()
-            try:
-                return fn()
-            finally:
-                doc["timings"][key] = time.perf_counter() - t0
-                progress.remove_task(task)
+    precision = _precision(args)
+    specs = model_specs(args)
+    if args.out is not None and len(specs) > 1:
+        raise UserError(f"--out names one output, but {len(specs)} models were given; use --out-dir")
+    if args.out_dir is not None and not args.out_dir.is_dir():
+        raise UserError(f"--out-dir {args.out_dir} is not a directory")
+    profile = (args.static_batch,) * 3 if args.static_batch else parse_dynamic_batch(args.dynamic_batch)
+    plans = [_plan(args, spec, precision) for spec in specs]  # every output checked before any work
+    if len(plans) == 1:
+        doc: dict = {}
+        try:
+            _convert(args, plans[0], profile, doc)
+        finally:  # --json: the document, also of a conversion stopped by an error (what was proven, written)
+            if args.json and doc.get("proof") is not None:
+                print_json(doc)
+        return 0
+    return _convert_many(args, plans, profile)
 
-        train = stage("loading checkpoint", "load_s", lambda: load_from_args(args))
-        deploy = stage("re-parameterizing", "reparameterize_s", lambda: reparameterize(train))
-        deploy.arch, deploy.config, deploy.input_size = train.arch, train.config, train.input_size
-        doc.update(arch=train.arch, config=train.config, report=deploy.reparam_report.to_dict())
-        x = proof_inputs(train.input_size, args.proof_batch, args.seed)
+
+def _plan(args: argparse.Namespace, spec: str, precision: str) -> dict:
+    """What converting ``spec`` will write, checked before any work starts."""
+    out = args.out or default_out(spec, args.to, precision, args.out_dir)
+    onnx_out = out
+    if args.to == "trt":
+        onnx_out = out.with_suffix(".int8.onnx" if precision == "int8" else ".onnx")
+    if args.to == "trt" and Path(spec).suffix == ".onnx":
+        onnx_out = None  # the given ONNX is the engine's source
+    outputs = [p for p in {out, onnx_out} if p is not None] if args.to != "pt" else [out]
+    given = (Path(spec),) if Path(spec).is_file() else ()
+    for path in outputs:
+        check_output(path, args.force, inputs=given)
+    return {"spec": spec, "out": out, "onnx_out": onnx_out, "precision": precision}
+
+
+def _convert_many(args: argparse.Namespace, plans: list[dict], profile) -> int:
+    docs, worst = [], 0
+    for plan in plans:
+        doc: dict = {}
+        try:
+            _convert(args, plan, profile, doc, quiet=True)
+            code = 0
+        except (VerificationError, UserError) as e:
+            doc.update(model=plan["spec"], passed=False, error=str(e))
+            code = 1 if isinstance(e, VerificationError) else 2
+        worst = max(worst, code)
+        docs.append(doc)
+        if not args.json:
+            mark = styled("ok", "green") if code == 0 else styled("FAIL" if code == 1 else "error", "red")
+            what = ", ".join(doc.get("artifacts", {}).values()) if code == 0 else doc["error"]
+            say(mark, f" {plan['spec']}: {what}", level=-1)
+    if args.json:
+        print_json({"results": docs, "passed": worst == 0})
+    return worst
+
+
+class _Stages:
+    """Runs the named stages of one conversion under a spinner, timing each into ``doc``."""
+
+    def __init__(self, doc: dict, progress: Progress):
+        self.doc, self.progress = doc, progress
+
+    def __call__(self, desc: str, key: str, fn: Callable):
+        task = self.progress.add_task(desc, total=None)
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.doc["timings"][key] = time.perf_counter() - t0
+            self.progress.remove_task(task)
+
+
+def _convert(args: argparse.Namespace, plan: dict, profile, doc: dict, quiet: bool = False) -> None:
+    """Convert one MODEL, filling ``doc`` (the --json document) as the stages run."""
+    out, onnx_out, precision = plan["out"], plan["onnx_out"], plan["precision"]
+    doc.update({"model": plan["spec"], "to": args.to, "precision": precision, "artifacts": {}, "timings": {}})
+    proofs: list[Comparison] = []
+    show = not (args.json or quiet) and VERBOSITY["level"] >= 0
+    with ExitStack() as stack:
+        progress = stack.enter_context(Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                                                console=console, transient=True, disable=not show))
+        stage = _Stages(doc, progress)
+        source: Source = stage(f"loading {plan['spec']}", "load_s", lambda: load_model(args, plan["spec"]))
+        if source.kind == "onnx" and args.to != "trt" and not (args.to == "onnx" and precision == "int8"):
+            raise UserError(f"{source.name} is already an ONNX model: convert it --to trt, or --to onnx --precision int8")
+        if source.kind == "deploy artifact" and args.to == "pt":
+            raise UserError(f"{source.name} is already a deploy artifact (.deploy.pt); convert it --to onnx or --to trt")
+        deploy = stage("re-parameterizing", "reparameterize_s", lambda: source.deploy)
+        model = source.train or deploy
+        if model is not None:
+            doc.update(arch=getattr(model, "arch", None), config=getattr(model, "config", None))
+        if deploy is not None and source.train is not None:
+            doc["report"] = deploy.reparam_report.to_dict()
+        x = random_images(source.input_size, args.proof_batch, args.seed)
+        reference, ref_name = _reference(source)
         with torch.inference_mode():
-            ref = train(x)
+            ref = reference(x)
 
-        def prove(name: str, run_fn, precision: str = "fp32", artifacts: tuple[Path, ...] = ()) -> None:
-            proofs.append(prove_stage(name, run_fn, x, ref, precision))
+        def prove(name: str, run_fn, stage_precision: str = "fp32", artifacts: tuple[Path, ...] = ()) -> None:
+            proofs.append(prove_stage(name, run_fn, x, ref, stage_precision, reference=ref_name))
             if not proofs[-1].passed:
                 for a in artifacts:  # a stage that fails its proof leaves nothing behind
                     for f in (a, Path(f"{a}.data"), Path(f"{a}.json")):
                         f.unlink(missing_ok=True)
-                _finish(args, doc, train, deploy, proofs)
-                raise VerificationError(f"stage '{name}' does not reproduce the train form; its artifact was not kept")
+                _finish(args, doc, source, proofs, quiet)
+                raise VerificationError(f"stage '{name}' does not reproduce the reference "
+                                        f"({'; '.join(proofs[-1].failures)}); its artifact was not kept")
 
-        stage("proving the deploy form", "prove_deploy_s", lambda: prove("deploy (torch fp32)", deploy))
+        if deploy is not None and source.train is not None:
+            stage("proving the deploy form", "prove_deploy_s", lambda: prove("deploy (torch fp32)", deploy))
+        # int8: the fp32 export is an intermediate (the Q/DQ graph is what is kept)
+        workdir = tempfile.TemporaryDirectory(prefix="vismlp-convert-")
+        stack.callback(workdir.cleanup)
+        fp32_onnx = Path(workdir.name) / "fp32.onnx" if precision == "int8" else onnx_out
         if args.to == "pt":
-            def write_pt():
-                with atomic_output(out, args.force) as tmp:
-                    save_model(deploy, tmp, form="deploy", extra={"report": deploy.reparam_report.to_dict()})
-            stage(f"writing {out}", "write_s", write_pt)
+            stage(f"writing {out}", "write_s", lambda: _write_pt(deploy, out, args.force))
             doc["artifacts"]["pt"] = str(out)
-        else:
-            _onnx_stages(args, doc, deploy, onnx_out, stage, prove)
+        elif source.kind != "onnx":
+            _onnx_stage(args, doc, deploy, fp32_onnx, stage, prove, keep=precision != "int8")
+        onnx_path = source.onnx_path if source.kind == "onnx" else fp32_onnx
+        if precision == "int8":
+            onnx_path = _int8_stage(args, doc, source, onnx_path, out if args.to == "onnx" else onnx_out, stage, prove)
         if args.to == "trt":
             try:
-                _trt_stages(args, doc, onnx_out, out, profile, stage, prove)
+                _trt_stage(args, doc, onnx_path, out, profile, precision, stage, prove)
             except UserError as e:  # TensorRT/GPU missing or build refused: the proof so far still prints
                 doc["error"] = str(e)
-                _finish(args, doc, train, deploy, proofs)
+                _finish(args, doc, source, proofs, quiet)
                 raise
-    _finish(args, doc, train, deploy, proofs)
-    return 0
+    _finish(args, doc, source, proofs, quiet)
 
 
-def _onnx_stages(args, doc, deploy, onnx_out: Path, stage, prove) -> None:
+def _reference(source: Source) -> tuple[Callable, str]:
+    """The function every stage is proven against, and its name."""
+    if source.train is not None:
+        return source.train, "train (torch fp32)"
+    if source.deploy is not None:
+        return source.deploy, "deploy (torch fp32)"
+    from ..runtime.ort_runner import OrtRunner
+
+    return OrtRunner(source.onnx_path).run, f"{source.name} (onnxruntime fp32)"
+
+
+def _write_pt(deploy, out: Path, force: bool) -> None:
+    from ..export.torch_artifact import save_model
+    from .common import atomic_output
+
+    with atomic_output(out, force) as tmp:
+        save_model(deploy, tmp, form="deploy", extra={"report": deploy.reparam_report.to_dict()})
+
+
+def _onnx_stage(args, doc, deploy, onnx_out: Path, stage, prove, keep: bool) -> None:
+    """Export the deploy form to ``onnx_out`` and prove it (``keep``: an artifact, not an intermediate)."""
     from ..export.onnx import export_onnx_info
     from ..runtime.ort_runner import OrtRunner
 
     info = stage(f"exporting {onnx_out}", "onnx_export_s", lambda: export_onnx_info(
-        deploy, onnx_out, opset=args.opset, dynamic_batch=args.batch is None, batch=args.batch or 1,
+        deploy, onnx_out, opset=args.opset, dynamic_batch=args.static_batch is None, batch=args.static_batch or 1,
         simplify=not args.no_simplify))
-    for note in info.warnings:
-        console.print(f"[yellow]warning:[/yellow] {note}")
-    doc["artifacts"]["onnx"] = str(onnx_out)
+    if keep:
+        doc["artifacts"]["onnx"] = str(onnx_out)
     doc["onnx"] = info.to_dict()
     runner = OrtRunner(onnx_out, "cpu")
     stage("proving ONNX Runtime", "prove_onnx_s", lambda: prove("onnxruntime (cpu fp32)", runner.run, "fp32", (onnx_out,)))
 
 
-def _trt_stages(args, doc, onnx_out: Path, engine: Path, profile, stage, prove) -> None:
+def _int8_stage(args, doc, source: Source, fp32_onnx: Path, int8_out: Path, stage, prove) -> Path:
+    """Quantize ``fp32_onnx`` with the accuracy guard; prove the Q/DQ graph (int8 targets)."""
+    from ..calibration import load_calibration
+    from ..export.quantize import quantize_with_guard
+    from ..runtime.ort_runner import OrtRunner
+
+    calib, holdout = stage(f"reading calibration inputs {args.calib}", "calib_s", lambda: load_calibration(
+        args.calib, source.input_size, args.calib_count, args.mean, args.std))
+    result = stage("quantizing to int8 (Q/DQ) and measuring agreement", "quantize_s", lambda: quantize_with_guard(
+        fp32_onnx, int8_out, calib, holdout, min_agreement=args.min_agreement))
+    doc["artifacts"]["onnx_int8"] = str(int8_out)
+    doc["int8"] = result.to_dict()
+    runner = OrtRunner(int8_out, "cpu")
+    stage("proving the int8 graph", "prove_int8_s", lambda: prove("onnxruntime (cpu int8)", runner.run, "int8", (int8_out,)))
+    if not result.passed:
+        int8_out.unlink(missing_ok=True)
+        raise VerificationError(f"int8 agreement {result.agreement:.2%} < {args.min_agreement:.0%} on held-out "
+                                "images even with the fallback; the int8 ONNX was not kept")
+    return int8_out
+
+
+def _trt_stage(args, doc, onnx_path: Path, engine: Path, profile, precision: str, stage, prove) -> None:
     from ..export.tensorrt import build_engine, metadata_path
     from ..runtime.trt_runner import TrtRunner
 
-    stage(f"building {engine} ({args.precision})", "engine_build_s", lambda: build_engine(
-        onnx_out, engine, precision=args.precision, dynamic_batch=profile, workspace_gib=args.workspace_gib,
-        timing_cache=args.timing_cache, log=lambda m: console.print(m) if not args.json else None))
+    stage(f"building {engine} ({precision})", "engine_build_s", lambda: build_engine(
+        onnx_path, engine, precision=precision, dynamic_batch=profile, workspace_gib=args.workspace_gib,
+        timing_cache=args.timing_cache, log=lambda m: say(m) if not args.json else None))
     doc["artifacts"]["engine"] = str(engine)
     doc["artifacts"]["engine_metadata"] = str(metadata_path(engine))
     runner = TrtRunner(engine)
-    stage("proving TensorRT", "prove_trt_s",
-          lambda: prove(f"tensorrt ({args.precision})", runner.run, args.precision, (engine,)))
+    stage("proving TensorRT", "prove_trt_s", lambda: prove(f"tensorrt ({precision})", runner.run, precision, (engine,)))
 
 
-def _finish(args, doc: dict, train, deploy, proofs) -> None:
+def _finish(args, doc: dict, source: Source, proofs: list[Comparison], quiet: bool) -> None:
     doc["proof"] = [p.to_dict() for p in proofs]
     doc["passed"] = all(p.passed for p in proofs)
-    if args.json:
-        print_json(doc)
+    if args.json or quiet:
         return
-    console.print(f"[bold]{train.arch}[/bold] {train.config}")
-    _print_report(deploy.reparam_report)
-    console.print(proof_table(proofs))
+    if doc.get("arch"):
+        say(styled(doc["arch"], "bold"), f" {doc.get('config')}")
+    if source.train is not None and source.deploy is not None:
+        print_report(source.deploy.reparam_report)
+    print_table(proof_table(proofs))
     for kind, path in doc["artifacts"].items():
-        console.print(f"wrote {kind}: [bold]{path}[/bold]")
+        say(f"wrote {kind}: ", styled(path, "bold"))
     if "onnx" in doc:
         o = doc["onnx"]
-        console.print(f"ONNX: opset {o['opset']}, {o['exporter']} exporter, {o['nodes']} nodes, "
-                      f"{'simplified' if o['simplified'] else 'not simplified'}, "
-                      f"{'dynamic' if o['dynamic_batch'] else 'static'} batch")
-    console.print(f"re-parameterized in {doc['timings']['reparameterize_s']:.2f} s")
+        say(f"ONNX: opset {o['opset']}, {o['exporter']} exporter, {o['nodes']} nodes, "
+            f"{'simplified' if o['simplified'] else 'not simplified'}, {'dynamic' if o['dynamic_batch'] else 'static'} batch")
+    if "int8" in doc:
+        q = doc["int8"]
+        say(f"int8: agreement {q['agreement']:.2%} on {q['holdout']} held-out images; "
+            f"{len(q['float_nodes'])} node(s) kept in float")
+    if "reparameterize_s" in doc["timings"] and source.train is not None:
+        say(f"re-parameterized in {doc['timings']['reparameterize_s']:.2f} s")
+
+
+def proof_table(proofs: list[Comparison]) -> Table:
+    ref = proofs[0].reference if proofs else "reference"
+    t = Table(title=f"equivalence proof (reference: {ref})")
+    for col in ("stage", "inputs", "max abs", "rel err", "cosine", "SQNR dB", "top-1", "targets", "result"):
+        t.add_column(col, justify="left" if col in ("stage", "inputs", "targets", "result") else "right")
+    for p in proofs:
+        s = p.stats
+        targets = [f"rel ≤ {p.tolerance:.0e}"] + ([f"cos ≥ {p.min_cosine}"] if p.min_cosine else []) + (
+            [f"top-1 ≥ {p.min_top1:.0%}"] if p.min_top1 else [])
+        t.add_row(p.candidate, p.inputs, f"{s.max_abs:.2e}", f"{s.rel:.2e}", f"{s.cosine:.8f}", f"{s.sqnr_db:.1f}",
+                  f"{s.top1:.0%}", ", ".join(targets), styled("pass", "green") if p.passed else styled("FAIL", "red"))
+    return t

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import UserError, VerificationError
+from ..errors import UserError, VerificationError, VisMLPWarning
 
 DEFAULT_OPSET = 20
 OPSETS = (17, 18, 19, 20)
@@ -119,7 +119,7 @@ def export_onnx_info(model: nn.Module, path: str | os.PathLike, *, opset: int = 
             raise VerificationError("the exported graph is not a clean deploy graph: " + "; ".join(issues))
         _move_into_place(Path(tmpdir), path)
     for note in notes:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, VisMLPWarning, stacklevel=2)
     counts = op_counts(proto)
     return OnnxExport(path, exporter, opset, dynamic_batch, simplified, external, sum(counts.values()), counts, notes)
 
@@ -237,6 +237,21 @@ def _move_into_place(tmpdir: Path, path: Path) -> None:
     for f in side:
         os.replace(f, path.with_name(f.name))
     os.replace(tmpdir / path.name, path)
+
+
+def onnx_summary(path: str | os.PathLike) -> dict:
+    """Nodes, op counts, inputs/outputs and whether the graph is quantized (Q/DQ) — for ``inspect``."""
+    proto = onnx.load(str(path), load_external_data=False)
+    counts = op_counts(proto)
+    inits = {t.name for t in proto.graph.initializer}
+
+    def dims(v) -> list:
+        return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
+    return {"nodes": sum(counts.values()), "op_counts": counts, "opset": max((o.version for o in proto.opset_import
+                                                                             if o.domain in ("", "ai.onnx")), default=None),
+            "inputs": {i.name: dims(i) for i in proto.graph.input if i.name not in inits},
+            "outputs": {o.name: dims(o) for o in proto.graph.output},
+            "quantized": counts.get("QuantizeLinear", 0) > 0}
 
 
 def op_counts(proto: onnx.ModelProto) -> dict[str, int]:

@@ -1,6 +1,7 @@
 """What a re-parameterization did: folds by kind, modules left and why, size before/after."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -42,11 +43,29 @@ class ReparamReport:
             "input_size": list(self.input_size) if self.input_size else None,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict) -> ReparamReport:
+        """The inverse of :meth:`to_dict` (a report stored in a deploy artifact)."""
+        return cls(Counter(d.get("folded", {})), [(x["path"], x["kind"]) for x in d.get("folded_paths", [])],
+                   [Left(x["path"], x["kind"], x["reason"]) for x in d.get("left", [])], d.get("params_before", 0),
+                   d.get("params_after", 0), d.get("flops_before"), d.get("flops_after"),
+                   tuple(d["input_size"]) if d.get("input_size") else None)
+
+    def left_groups(self) -> list[tuple[str, str, str, int]]:
+        """(path pattern, kind, reason, count): ``blocks.0.x`` … ``blocks.11.x`` with one reason read
+        as ``blocks.*.x`` ×12."""
+        groups: dict[tuple[str, str, str], int] = {}
+        for x in self.left:
+            key = (re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", x.path) or "<model>", x.kind, x.reason)
+            groups[key] = groups.get(key, 0) + 1
+        return [(*key, n) for key, n in groups.items()]
+
     def summary(self) -> str:
-        """One line, for logs and ONNX metadata."""
+        """One line, for logs and ONNX metadata: folds by kind, and what was left and why."""
         folded = ", ".join(f"{k}×{n}" for k, n in sorted(self.folded.items())) or "nothing"
-        left = f"; left {len(self.left)}" if self.left else ""
-        return f"folded {folded}{left}; params {self.params_before:,} -> {self.params_after:,}"
+        left = "".join(f"; left {path}{f' (×{n})' if n > 1 else ''} [{kind}]: {reason}"
+                       for path, kind, reason, n in self.left_groups())
+        return f"folded {folded}; params {self.params_before:,} -> {self.params_after:,}{left}"
 
 
 def count_params(model: nn.Module) -> int:

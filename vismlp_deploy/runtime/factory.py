@@ -1,9 +1,11 @@
-"""Runners for each (backend, form, precision) of one source: the ONNX exports and engines a comparison or a benchmark needs.
+"""The runners of one model: torch copies, ONNX exports, quantized graphs and engines, each made once.
 
-Backends: ``torch`` (eager), ``torch-compile`` (``torch.compile``, inductor), ``onnxruntime``
-(the form exported to ONNX, fp32 graph) and ``tensorrt`` (an engine built from that ONNX
-file; CUDA only). What cannot run here raises :class:`Unavailable` with the reason, which
-callers report instead of a number.
+A :class:`RunnerFactory` belongs to one :class:`~vismlp_deploy.runtime.source.Source` and one
+device. Backends (:mod:`.backends`) ask it for what they run: a private copy of a torch form,
+the ONNX file of a form (the given file, an export made beforehand, or an fp32 export with a
+dynamic batch made on demand in ``workdir``), its int8 Q/DQ graph, or a TensorRT engine.
+What cannot run here raises :class:`Unavailable` with the reason, which callers report
+instead of a number.
 """
 from __future__ import annotations
 
@@ -12,10 +14,13 @@ import sys
 import warnings
 from pathlib import Path
 
-from .base import Runner, TorchRunner
-from .source import Source
+import numpy as np
+from torch import nn
 
-BACKENDS = ("torch", "torch-compile", "onnxruntime", "tensorrt")
+from ..errors import UserError
+from .backends import get_backend
+from .base import Runner
+from .source import Source
 
 
 class Unavailable(Exception):
@@ -23,35 +28,45 @@ class Unavailable(Exception):
 
 
 class RunnerFactory:
-    """Builds runners of one source; ONNX exports and engines are made once per form in ``workdir``."""
+    """Builds runners of one source on one device; artifacts are made once per form in ``workdir``.
+
+    threads: CPU threads of ONNX Runtime sessions. max_batch: the largest batch a TensorRT
+    profile must accept. onnx: exports made beforehand (form -> file). ort_spin: see OrtRunner
+    (off when forms are timed alternately). calibration: (N, C, H, W) inputs for int8 graphs
+    (default: seeded N(0, 1) images: right for speed, not for accuracy).
+    """
 
     def __init__(self, source: Source, device: str, workdir: Path, threads: int | None = None, max_batch: int = 64,
-                 onnx: dict[str, Path] | None = None, ort_spin: bool = True):
+                 onnx: dict[str, Path] | None = None, ort_spin: bool = True, calibration: np.ndarray | None = None):
         self.source, self.device, self.workdir, self.threads = source, device, Path(workdir), threads
-        self.ort_spin = ort_spin  # see OrtRunner: off when forms are timed alternately
-        self.max_batch = max_batch  # largest batch a TensorRT profile must accept
-        # exports made beforehand (form -> file); missing files are exported on demand
+        self.ort_spin, self.max_batch, self.calibration = ort_spin, max_batch, calibration
         self._onnx: dict[str, Path] = {f: p for f, p in (onnx or {}).items() if p.is_file()}
+        self._made: dict[tuple, Path] = {}
 
     def forms(self, backend: str) -> list[str]:
-        """Forms this backend can run for this source (a given .onnx file runs on ORT/TRT only)."""
+        """Forms ``backend`` can run for this source (a given .onnx file runs on ONNX backends only)."""
         if self.source.onnx_path is not None:
-            return [] if backend.startswith("torch") else [self._onnx_form()]
+            return [self.source.onnx_form] if get_backend(backend).runs_onnx else []
         return list(self.source.forms)
 
     def runner(self, backend: str, form: str, precision: str) -> Runner:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-        if backend in ("torch", "torch-compile"):
-            model = copy.deepcopy(self.source.forms[form])  # TorchRunner casts/moves its model in place
-            return TorchRunner(model, name=f"{backend}-{form}", device=self.device, precision=precision,
-                               compile=backend == "torch-compile")
-        if backend == "onnxruntime":
-            return self._ort(form, precision)
-        return self._trt(form, precision)
+        """An inactive runner of ``form`` on ``backend`` in ``precision``; Unavailable if it cannot run here."""
+        b = get_backend(backend)
+        why = b.why_not(self.device, precision)
+        if why is not None:
+            raise Unavailable(why)
+        if form not in self.forms(backend):
+            raise Unavailable(f"{self.source.name} has no {form} form on {backend} "
+                              f"(available: {', '.join(self.forms(backend)) or 'none'})")
+        return b.make(self, form, precision)
+
+    # ------------------------------------------------------------------ what backends ask for
+    def module(self, form: str) -> nn.Module:
+        """A private copy of a torch form (runners cast and move their model in place)."""
+        return copy.deepcopy(self.source.forms[form])
 
     def onnx(self, form: str) -> Path:
-        """The ONNX file of ``form`` (the given file, or an fp32 export with a dynamic batch)."""
+        """The fp32 ONNX file of ``form`` (the given file, or an export with a dynamic batch)."""
         if self.source.onnx_path is not None:
             return self.source.onnx_path
         if form not in self._onnx:
@@ -64,36 +79,41 @@ class RunnerFactory:
             self._onnx[form] = path
         return self._onnx[form]
 
-    def _onnx_form(self) -> str:
-        from ..export.onnx import read_metadata
+    def quantized_onnx(self, form: str) -> Path:
+        """The int8 Q/DQ graph of ``form``: a given Q/DQ file as it is, else the fp32 export quantized
+        with ``calibration`` (no accuracy guard: ``verify`` measures the agreement itself)."""
+        from ..export.quantize import is_quantized, quantize_onnx
 
-        return read_metadata(self.source.onnx_path).get("form", "deploy")
+        src = self.onnx(form)
+        if is_quantized(src):
+            return src
+        if self.source.onnx_path is not None:
+            raise Unavailable(f"{src.name} is an fp32 graph: quantize it with `vismlp-deploy convert ... "
+                              "--precision int8 --calib PATH`")
+        key = ("int8", form)
+        if key not in self._made:
+            calib = self.calibration
+            if calib is None:
+                from ..verification.inputs import random_images
 
-    def _ort(self, form: str, precision: str) -> Runner:
-        from .ort_runner import OrtRunner, available_providers
+                calib = random_images(self.source.input_size, 32, seed=1).numpy()
+            out = self.workdir / f"{form}.int8.onnx"
+            quantize_onnx(src, out, calib)
+            self._made[key] = out
+        return self._made[key]
 
-        if precision != "fp32":
-            raise Unavailable(f"ONNX Runtime runs the exported fp32 graph; {precision} is measured on torch/tensorrt")
-        provider = "cpu" if self.device == "cpu" else "cuda"
-        if provider not in available_providers():
-            raise Unavailable(f"onnxruntime has no {provider} provider here (install onnxruntime-gpu)")
-        return OrtRunner(self.onnx(form), provider=provider, threads=self.threads, name=f"onnxruntime-{form}",
-                         spin=self.ort_spin)
+    def engine(self, form: str, precision: str) -> Path:
+        """A TensorRT engine of ``form`` whose profile covers every batch up to ``max_batch``."""
+        key = ("engine", form, precision)
+        if key not in self._made:
+            from ..export.tensorrt import build_engine
 
-    def _trt(self, form: str, precision: str) -> Runner:
-        if not self.device.startswith("cuda"):
-            raise Unavailable("TensorRT needs a CUDA device")
-        from ..errors import UserError
-        from ..export.tensorrt import build_engine, import_tensorrt
-        from .trt_runner import TrtRunner
-
-        try:
-            import_tensorrt()
-        except UserError as e:
-            raise Unavailable(str(e).split(". ")[0]) from None
-        engine = self.workdir / f"{form}.{precision}.engine"
-        if not engine.exists():  # the profile covers every batch size asked for, optimized for the largest
-            build_engine(self.onnx(form), engine, precision=precision, dynamic_batch=(1, self.max_batch, self.max_batch),
-                         log=lambda msg: print(msg, file=sys.stderr))
-        index = int(self.device.partition(":")[2] or 0)
-        return TrtRunner(engine, device=index, name=f"tensorrt-{form}")
+            src = self.quantized_onnx(form) if precision == "int8" else self.onnx(form)
+            engine = self.workdir / f"{form}.{precision}.engine"
+            try:
+                build_engine(src, engine, precision=precision, dynamic_batch=(1, self.max_batch, self.max_batch),
+                             log=lambda msg: print(msg, file=sys.stderr))
+            except UserError as e:
+                raise Unavailable(str(e)) from None
+            self._made[key] = engine
+        return self._made[key]

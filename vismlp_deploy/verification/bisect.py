@@ -28,11 +28,12 @@ OUTPUT = "(output)"
 class Boundary:
     name: str
     stats: Stats | None  # None when not compared
-    note: str = ""  # why it was not compared
+    note: str = ""  # why it was not compared, or why a divergence is not a bug
     diverged: bool = False
+    persistent: bool = False  # diverged, and so is every later boundary and the output
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "diverged": self.diverged, "note": self.note,
+        return {"name": self.name, "diverged": self.diverged, "persistent": self.persistent, "note": self.note,
                 "stats": self.stats.to_dict() if self.stats else None}
 
 
@@ -105,5 +106,9 @@ def bisect(train: nn.Module, deploy: nn.Module, x: Tensor, tolerance: float = PR
         if not b.diverged:
             break
         culprit = b.name
+        b.persistent = True
+    for b in compared:
+        if b.diverged and not b.persistent:
+            b.note = "differs here but agrees again later: a fold moves work across this boundary"
     result.first_divergent = culprit
     return result

@@ -1,6 +1,7 @@
 """Polygraphy-style comparison statistics between a reference output and a candidate."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +20,7 @@ class Stats:
     top1: float  # fraction of samples with the same argmax
     top5: float | None
     n: int
+    sqnr_db: float  # 10 log10(sum ref^2 / sum (y - ref)^2): signal over quantization/rounding noise (inf if equal)
 
     def passed(self, tol: float) -> bool:
         return self.rel <= tol
@@ -55,4 +57,13 @@ def compare(y: Tensor, ref: Tensor) -> Stats:
         top1=top1,
         top5=top5,
         n=n,
+        sqnr_db=_sqnr_db(y, ref),
     )
+
+
+def _sqnr_db(y: Tensor, ref: Tensor) -> float:
+    noise = float(((y - ref) ** 2).sum())
+    signal = float((ref ** 2).sum())
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
