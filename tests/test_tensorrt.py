@@ -304,6 +304,7 @@ def test_engine_build_and_run(toy_onnx, tmp_path, precision):
     assert engine.is_file() and cache.is_file()
     meta = json.loads(trt_export.metadata_path(engine).read_text())
     assert meta["precision"] == precision and meta["profile"]["max"] == [8, 3, 16, 16]
+    assert bool(meta["kept_fp32"] and meta["kept_fp32"]["nodes"]) == (precision in trt_export.HALF)  # the LayerNorm
     runner = TrtRunner(engine)
     assert (runner.input_name, runner.output_name, runner.precision) == ("input", "logits", precision)
     for b in (1, 7, 11):  # 11 > MAX: chunked

@@ -260,3 +260,14 @@ def test_trt_contract_runner_binds_every_output(monkeypatch):
     only_first = engine.create_execution_context()  # what the runner did before: the fake engine refuses it
     bind_io(only_first, "input", batch, {"logits": torch.float32})
     assert not only_first.execute_async_v3(0)
+
+
+@pytest.mark.parametrize("name,metadata,node", [
+    ("node_conv2d_1", "[ONNX Layer: node_conv2d]", "node_conv2d"),  # the metadata wins over a node-like name
+    ("w_const", "[ONNX Layer: node_mul | Local Function: gelu]", "node_mul"),
+    ("odd", "[ONNX Layer: a]b | c]", "a]b"),
+    ("node_conv2d_1", "", "node_conv2d_1"), ("node_conv2d_7", "", "node_conv2d"), ("ONNXTRT_Broadcast_3", "", None),
+    ("(Unnamed Layer* 4) [Shuffle]", "", None)])
+def test_trt_contract_layer_onnx_node(name, metadata, node):
+    layer = fake.ILayer(name, metadata, [])
+    assert trt_export.layer_onnx_node(layer, {"node_conv2d", "node_conv2d_1", "node_mul"}) == node
