@@ -291,7 +291,7 @@ class ICudaEngine:
         shape = self._io[name][2]
         return [(b, *shape[1:]) for b in (1, 4, 8)]
 
-    def create_execution_context(self, strategy=None):
+    def create_execution_context(self, strategy=0):  # 0: ExecutionContextAllocationStrategy.STATIC
         return IExecutionContext(self)
 
 
