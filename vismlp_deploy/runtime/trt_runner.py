@@ -1,9 +1,11 @@
 """TensorRT engine runner (TensorRT 10/11 tensor API, torch CUDA memory, no pycuda).
 
-``set_input_shape`` -> ``set_tensor_address`` (torch tensors' device pointers) ->
+``set_input_shape`` -> ``set_tensor_address`` for the input and *every* output (torch
+tensors' device pointers; ``execute_async_v3`` fails while any I/O tensor has no address) ->
 ``execute_async_v3`` on a non-default ``torch.cuda.Stream`` (TensorRT syncs extra work on
-the legacy default stream, and a private stream keeps timings honest). Batches beyond the
-profile's MAX run in chunks; chunks below MIN are padded.
+the legacy default stream, and a private stream keeps timings honest). The first output is
+the logits the runner returns. Batches beyond the profile's MAX run in chunks; chunks below
+MIN are padded.
 """
 from __future__ import annotations
 
@@ -19,14 +21,29 @@ from .base import Runner
 
 
 def _torch_dtype(trt, dt) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32}
-    if hasattr(trt, "bfloat16"):
-        table[trt.bfloat16] = torch.bfloat16
-    if hasattr(trt, "int64"):
-        table[trt.int64] = torch.int64
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.bfloat16: torch.bfloat16,
+             trt.int8: torch.int8, trt.int32: torch.int32, trt.int64: torch.int64, trt.bool: torch.bool,
+             trt.uint8: torch.uint8}
     if dt not in table:
         raise UserError(f"engine I/O type {dt} is not supported by the runner")
     return table[dt]
+
+
+def bind_io(context, input_name: str, batch: Tensor, outputs: dict[str, torch.dtype]) -> dict[str, Tensor]:
+    """Set ``batch``'s shape and the address of every I/O tensor on a TensorRT execution context.
+
+    batch: (N, C, H, W) on the engine's device, contiguous. outputs: name -> dtype of every
+    engine output; their buffers are allocated on ``batch.device`` in the shapes the context
+    reports once the input shape is set, and returned by name (in ``outputs``' order).
+    """
+    if not context.set_input_shape(input_name, tuple(batch.shape)):
+        raise RuntimeError(f"TensorRT rejected input shape {tuple(batch.shape)} for {input_name!r}")
+    buffers = {name: torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device=batch.device)
+               for name, dtype in outputs.items()}
+    for name, tensor in [(input_name, batch), *buffers.items()]:
+        if not context.set_tensor_address(name, tensor.data_ptr()):
+            raise RuntimeError(f"TensorRT set_tensor_address({name!r}) failed")
+    return buffers
 
 
 class TrtRunner(Runner):
@@ -49,15 +66,17 @@ class TrtRunner(Runner):
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         if len(inputs) != 1 or not outputs:
-            raise UserError(f"{engine_path}: expected one input and an output, found inputs {inputs}, outputs {outputs}")
+            raise UserError(f"{engine_path}: expected one input and an output, found inputs {inputs}, "
+                            f"outputs {outputs}")
         self.input_name, self.output_name = inputs[0], outputs[0]
         self.in_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
-        self.out_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+        self.outputs = {n: _torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in outputs}
         lo, _, hi = self.engine.get_tensor_profile_shape(self.input_name, 0)
         self.min_batch, self.max_batch = lo[0], hi[0]
         meta_file = metadata_path(engine_path)
         self.metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        self.precision = self.metadata.get("precision", {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.in_dtype, "fp32"))
+        by_dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.in_dtype, "fp32")
+        self.precision = self.metadata.get("precision", by_dtype)
         self.stream = torch.cuda.Stream(device=self.device)
 
     def prepare(self, batch: Tensor) -> Tensor:
@@ -65,16 +84,13 @@ class TrtRunner(Runner):
 
     def run_native(self, batch: Tensor) -> Tensor:
         """Enqueue one batch (on the device, MIN <= N <= MAX) on the runner's stream."""
-        self.context.set_input_shape(self.input_name, tuple(batch.shape))
-        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), dtype=self.out_dtype, device=self.device)
-        self.context.set_tensor_address(self.input_name, batch.data_ptr())
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        buffers = bind_io(self.context, self.input_name, batch, self.outputs)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the input was written there
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed")
-        batch.record_stream(self.stream)  # the caching allocator must not reuse these early
-        out.record_stream(self.stream)
-        return out
+        for tensor in (batch, *buffers.values()):  # the caching allocator must not reuse these early
+            tensor.record_stream(self.stream)
+        return buffers[self.output_name]
 
     def synchronize(self) -> None:
         self.stream.synchronize()
