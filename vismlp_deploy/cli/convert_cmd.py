@@ -309,7 +309,9 @@ def _trt_stage(args, doc, onnx_path: Path, engine: Path, profile, precision: str
     doc["artifacts"]["engine"] = str(engine)
     doc["artifacts"]["engine_metadata"] = str(metadata_path(engine))
     runner = TrtRunner(engine)
-    stage("proving TensorRT", "prove_trt_s", lambda: prove(f"tensorrt ({precision})", runner.run, precision, (engine,)))
+    # a failed proof also removes the ONNX that AutoCast converted for an fp16/bf16 build
+    made = (engine, engine.with_suffix(f".{precision}.onnx"))
+    stage("proving TensorRT", "prove_trt_s", lambda: prove(f"tensorrt ({precision})", runner.run, precision, made))
 
 
 def _finish(args, doc: dict, source: Source, proofs: list[Comparison], quiet: bool) -> None:

@@ -61,7 +61,7 @@ class TrtRunner(Runner):
         if self.engine is None:
             raise UserError(f"{engine_path}: TensorRT {trt.__version__} cannot deserialize this engine "
                             "(built by another TensorRT version or for another GPU?)")
-        self.context = self.engine.create_execution_context()
+        self.context = None  # made by activate(): the execution context holds the device memory
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
@@ -78,6 +78,14 @@ class TrtRunner(Runner):
         by_dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(self.in_dtype, "fp32")
         self.precision = self.metadata.get("precision", by_dtype)
         self.stream = torch.cuda.Stream(device=self.device)
+
+    def _activate(self) -> None:
+        self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise UserError("TensorRT could not create an execution context (out of GPU memory?)")
+
+    def _deactivate(self) -> None:
+        self.context = None
 
     def prepare(self, batch: Tensor) -> Tensor:
         return batch.to(device=self.device, dtype=self.in_dtype).contiguous()
@@ -96,6 +104,7 @@ class TrtRunner(Runner):
         self.stream.synchronize()
 
     def run(self, batch: Tensor) -> Tensor:
+        self.activate()
         outs = []
         for chunk in batch.split(self.max_batch):
             n = chunk.shape[0]
