@@ -15,7 +15,7 @@ import torch
 
 from helpers import assert_close
 from vismlp_deploy import load_checkpoint, reparameterize
-from vismlp_deploy.models.registry import FORMATS, _ensure_loaded
+from vismlp_deploy.models.registry import FORMATS, formats
 
 HERE = Path(__file__).parent
 
@@ -43,7 +43,7 @@ def _load(path: Path) -> dict:
 
 
 def _model(case: dict, dtype: torch.dtype):
-    _ensure_loaded()
+    formats()
     if case["format"] not in FORMATS:
         pytest.skip(f"format {case['format']} ({case['case']}) not supported yet")
     model = load_checkpoint(case["state_dict"], arch=case["format"], config=case["config"])

@@ -15,7 +15,7 @@ import torch
 
 from vismlp_deploy.checkpoint.detect import CLASS_KEYS, detect_format, expected_shapes, mapped_shapes
 from vismlp_deploy.errors import CheckpointError
-from vismlp_deploy.models.registry import CONFIGS, FORMATS, _ensure_loaded
+from vismlp_deploy.models.registry import CONFIGS, FORMATS, formats
 
 HERE = Path(__file__).parent
 _shared = HERE.parent.parent / "shared" / "conformance" / "schemas.json"
@@ -54,7 +54,7 @@ def _named_with_this_config(schema: dict) -> set[str]:
 
 @pytest.mark.parametrize("name", list(SCHEMAS))
 def test_schema_detected_as_its_named_config(name: str) -> None:
-    _ensure_loaded()
+    formats()
     schema = SCHEMAS[name]
     if schema["format"] not in FORMATS:
         pytest.skip(f"format {schema['format']} ({name}) not registered yet")
@@ -79,7 +79,7 @@ def test_schema_detected_as_its_named_config(name: str) -> None:
 
 def test_every_schema_names_a_zoo_config_when_its_family_has_one() -> None:
     """A registered full-size schema without any named config is a gap in the zoo (listed here)."""
-    _ensure_loaded()
+    formats()
     gaps = []
     for name, schema in SCHEMAS.items():
         fmt = FORMATS.get(schema["format"])
@@ -94,7 +94,7 @@ def test_every_schema_names_a_zoo_config_when_its_family_has_one() -> None:
 
 def test_class_count_is_read_not_matched() -> None:
     """A fine-tuned head (10 classes) is still the named network, with its own class count."""
-    _ensure_loaded()
+    formats()
     schema = SCHEMAS["mixer_s16_224"]
     if schema["format"] not in FORMATS:
         pytest.skip("timm-mixer not registered yet")
@@ -111,7 +111,7 @@ def test_unknown_layout_is_refused_with_the_keys() -> None:
 
 def test_a_broken_schema_names_the_misfit() -> None:
     """Keys of a format with one tensor of a wrong shape: the reason names the key."""
-    _ensure_loaded()
+    formats()
     schema = SCHEMAS["resmlp_12_224"]
     if schema["format"] not in FORMATS:
         pytest.skip("timm-resmlp not registered yet")
@@ -125,7 +125,7 @@ def test_assumptions_are_reported_and_lower_the_confidence(monkeypatch) -> None:
     """A format's ``assumptions`` (arguments no weight can tell) become notes; confidence drops to medium."""
     import dataclasses
 
-    _ensure_loaded()
+    formats()
     schema = SCHEMAS["mixer_b16_224"]
     if schema["format"] not in FORMATS:
         pytest.skip("timm-mixer not registered yet")

@@ -233,7 +233,7 @@ def test_trt_contract_failed_build_writes_nothing(onnx_files, tmp_path, monkeypa
 
 def test_trt_contract_large_converted_onnx_uses_external_data(onnx_files, tmp_path, monkeypatch, gpu):
     """Past protobuf's 2 GB (here: a limit of 1 kB) AutoCast's output goes to <name>.data beside it."""
-    monkeypatch.setattr(trt_export, "_PROTOBUF_LIMIT", 1024)
+    monkeypatch.setattr(trt_export, "PROTOBUF_LIMIT", 1024)
     fake.install(monkeypatch, fake.make_tensorrt("11.1.0"), fake.make_modelopt())
     _, meta, _ = _build(onnx_files["toy"], tmp_path, "fp16")
     converted = tmp_path / "fp16.fp16.onnx"

@@ -49,7 +49,7 @@ DEFAULT_OPSET = 20
 OPSETS = (17, 18, 19, 20)
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 META_PREFIX = "vismlp_deploy."
-_PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # 2 GB minus room for the graph itself
+PROTOBUF_LIMIT = 2 * 1024**3 - 64 * 1024**2  # 2 GB minus room for the graph itself
 
 
 @dataclass
@@ -96,9 +96,9 @@ def export_onnx_info(model: nn.Module, path: str | os.PathLike, *, opset: int = 
     input_size = tuple(getattr(model, "input_size", ()) or ())
     if len(input_size) != 3:
         raise UserError("the model needs an input_size attribute (C, H, W) to be exported")
-    external = _model_bytes(model) > _PROTOBUF_LIMIT
+    external = _model_bytes(model) > PROTOBUF_LIMIT
     notes: list[str] = []
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
+    with tempfile.TemporaryDirectory(prefix=".vismlp-", dir=path.parent) as tmpdir:
         tmp = Path(tmpdir) / path.name
         # tracing with batch 2: torch.export specializes sizes 0 and 1
         example = torch.randn(2 if dynamic_batch else batch, *input_size)
@@ -117,7 +117,7 @@ def export_onnx_info(model: nn.Module, path: str | os.PathLike, *, opset: int = 
         issues = audit_graph(onnx.load(str(tmp), load_external_data=False), deploy=hasattr(model, "reparam_report"))
         if issues:
             raise VerificationError("the exported graph is not a clean deploy graph: " + "; ".join(issues))
-        _move_into_place(Path(tmpdir), path)
+        move_into_place(Path(tmpdir), path)
     for note in notes:
         warnings.warn(note, VisMLPWarning, stacklevel=2)
     counts = op_counts(proto)
@@ -229,7 +229,7 @@ def _save(proto: onnx.ModelProto, path: Path, external: bool) -> None:
         onnx.save(proto, str(path), save_as_external_data=False)
 
 
-def _move_into_place(tmpdir: Path, path: Path) -> None:
+def move_into_place(tmpdir: Path, path: Path) -> None:
     """The .onnx (and any external-data file the exporter wrote beside it) to their final place."""
     side = [f for f in tmpdir.iterdir() if f.name != path.name]
     if not side and path.with_name(path.name + ".data").exists():

@@ -52,7 +52,7 @@ from ..errors import UserError
 from ..precision import PRECISIONS as ALL_PRECISIONS
 from ..precision import get_precision
 from .fp16_audit import Fp16Audit, audit_fp16, onnx_node_name
-from .onnx import _PROTOBUF_LIMIT, _move_into_place, read_metadata
+from .onnx import PROTOBUF_LIMIT, move_into_place, read_metadata
 
 # the precisions an engine builds: the package's vocabulary less fp64 (TensorRT has no float64 compute)
 PRECISIONS = tuple(name for name in ALL_PRECISIONS if name != "fp64")
@@ -226,11 +226,11 @@ def _write_engine(engine_path: Path, plan: bytes, meta: dict) -> None:
 
 def save_onnx(proto: onnx.ModelProto, path: Path) -> Path:
     """Write ``proto`` atomically; past protobuf's 2 GB its weights go to ``<name>.data`` beside it."""
-    external = proto.ByteSize() > _PROTOBUF_LIMIT
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as tmpdir:
+    external = proto.ByteSize() > PROTOBUF_LIMIT
+    with tempfile.TemporaryDirectory(prefix=".vismlp-", dir=path.parent) as tmpdir:
         onnx.save(proto, str(Path(tmpdir) / path.name), save_as_external_data=external,
                   all_tensors_to_one_file=True, location=f"{path.name}.data")
-        _move_into_place(Path(tmpdir), path)
+        move_into_place(Path(tmpdir), path)
     return path
 
 

@@ -70,29 +70,3 @@ class ConvBN(nn.Sequential):
     def reparameterize(self, ctx: ReparamContext) -> nn.Module:
         ctx.folded("BatchNorm2d->Conv2d")
         return fuse_conv_bn(self.conv, self.bn)
-
-
-class Affine(nn.Module):
-    """ResMLP's ``alpha * x + beta`` over the last (channel) axis. alpha/beta: (C,)."""
-
-    def __init__(self, dim: int):
-        super().__init__()
-        self.alpha = nn.Parameter(torch.ones(dim))
-        self.beta = nn.Parameter(torch.zeros(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.addcmul(self.beta, self.alpha, x)
-
-
-class ChannelScale(nn.Module):
-    """A per-channel multiply kept in a deploy graph (e.g. a layer-scale that cannot fold)."""
-
-    def __init__(self, scale: Tensor, dim: int = -1):
-        super().__init__()
-        self.dim = dim
-        self.scale = nn.Parameter(scale.detach().clone())
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = [1] * x.dim()
-        shape[self.dim] = -1
-        return x * self.scale.reshape(shape)
