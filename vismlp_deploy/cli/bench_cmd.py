@@ -11,8 +11,24 @@ from rich.table import Table
 from ..errors import UserError, VisMLPWarning
 from ..precision import PRECISIONS
 from ..runtime.backends import backends_help, get_backend
-from .common import (VERBOSITY, bounded_int, check_device, check_output, console, device, int_list, name_list,
-                     nonnegative_int, positive_float, positive_int, print_json, print_table, say, styled)
+from .common import (
+    bounded_int,
+    check_device,
+    check_output,
+    console,
+    device,
+    int_list,
+    live,
+    name_list,
+    nonnegative_int,
+    positive_float,
+    positive_int,
+    print_json,
+    print_table,
+    say,
+    status,
+    styled,
+)
 from .model_args import add_model_arguments, load_model, model_specs
 
 DEFAULTS = {"batch_sizes": (1, 8, 32), "repeats": 10, "max_time": 10.0, "warmup": 2}
@@ -68,8 +84,8 @@ def sweep_settings(args: argparse.Namespace, defaults: dict = DEFAULTS) -> dict:
 
 
 def progress_bar(json: bool) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=json or VERBOSITY["level"] < 0)
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, transient=True, disable=not live(json))
 
 
 def step_callback(progress: Progress):
@@ -93,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.csv, args.png):
         if path is not None:
             check_output(path, args.force)
-    with console.status("loading"):
+    with status("loading"):
         sources = [load_model(args, spec) for spec in model_specs(args)]
     with progress_bar(args.json) as progress:
         result = run_sweep(sources, SweepConfig(seed=args.seed, **settings), len(sources), step_callback(progress))

@@ -18,7 +18,7 @@ import os
 import re
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -32,6 +32,16 @@ from ..errors import UserError
 # soft_wrap: an error stays one line however long (scripts and tests read it as one line)
 console = Console(stderr=True, highlight=False, soft_wrap=True, markup=False, emoji=False)
 VERBOSITY = {"level": 0}  # -q: -1, default 0, -v: 1 (set by cli.main)
+
+
+def live(json: bool = False) -> bool:
+    """Whether spinners and progress bars may draw: a terminal, not --json, not -q (a log gets none)."""
+    return console.is_terminal and not json and VERBOSITY["level"] >= 0
+
+
+def status(message: str):
+    """A spinner with ``message`` while a block runs (nothing where :func:`live` says no)."""
+    return console.status(message) if live() else nullcontext()
 
 
 def say(*parts: str | tuple[str, str], level: int = 0) -> None:
@@ -134,13 +144,13 @@ def fraction(text: str) -> float:
 
 
 def int_list(text: str) -> tuple[int, ...]:
-    """``1,8,32`` -> (1, 8, 32): positive integers."""
+    """``1,8,32`` -> (1, 8, 32): batch sizes, each from 1 to 65536."""
     try:
-        values = tuple(positive_int(v.strip()) for v in text.split(",") if v.strip())
+        values = tuple(bounded_int(1, 65536)(v.strip()) for v in text.split(",") if v.strip())
     except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}") from None
+        values = ()
     if not values:
-        raise argparse.ArgumentTypeError(f"expected comma-separated positive integers, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers from 1 to 65536, got {text!r}")
     return values
 
 
@@ -233,6 +243,8 @@ def parse_json_arg(text: str | None, what: str) -> dict | None:
 def check_output(path: Path, force: bool, *, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse an output before any work: exists without --force, is a directory, is an input,
     or its directory is missing or not writable."""
+    if len(path.name.encode()) > 255:
+        raise UserError(f"output file name is too long ({len(path.name.encode())} bytes; the limit is 255)")
     if path.is_dir():
         raise UserError(f"output {path} is a directory; give a file name")
     if any(_same(path, i) for i in inputs):
@@ -244,8 +256,6 @@ def check_output(path: Path, force: bool, *, inputs: tuple[Path, ...] = ()) -> N
         raise UserError(f"output directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"output directory {parent} is not writable")
-    if len(path.name.encode()) > 255:
-        raise UserError(f"output file name is too long ({len(path.name.encode())} bytes; the limit is 255)")
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -26,7 +26,7 @@ from ..runtime.source import Source
 from ..verification.compare import Comparison
 from ..verification.inputs import random_images
 from ..verification.proof import prove_stage
-from .common import (bounded_int, check_output, console, print_json, print_table, say, styled, VERBOSITY)
+from .common import bounded_int, check_output, console, live, print_json, print_table, say, styled
 from .inspect_cmd import print_report
 from .model_args import add_model_arguments, load_model, model_specs
 
@@ -140,6 +140,9 @@ def _plan(args: argparse.Namespace, spec: str, precision: str) -> dict:
         onnx_out = out.with_suffix(".int8.onnx" if precision == "int8" else ".onnx")
     if args.to == "trt" and Path(spec).suffix == ".onnx":
         onnx_out = None  # the given ONNX is the engine's source
+    if onnx_out == out and args.to == "trt":
+        raise UserError(f"--out {out}: the engine would overwrite the ONNX it is built from; give it another suffix "
+                        "(e.g. .engine)")
     outputs = [p for p in {out, onnx_out} if p is not None] if args.to != "pt" else [out]
     given = (Path(spec),) if Path(spec).is_file() else ()
     for path in outputs:
@@ -189,10 +192,9 @@ def _convert(args: argparse.Namespace, plan: dict, profile, doc: dict, quiet: bo
     out, onnx_out, precision = plan["out"], plan["onnx_out"], plan["precision"]
     doc.update({"model": plan["spec"], "to": args.to, "precision": precision, "artifacts": {}, "timings": {}})
     proofs: list[Comparison] = []
-    show = not (args.json or quiet) and VERBOSITY["level"] >= 0
     with ExitStack() as stack:
-        progress = stack.enter_context(Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                                console=console, transient=True, disable=not show))
+        progress = stack.enter_context(Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
+                                                console=console, transient=True, disable=quiet or not live(args.json)))
         stage = _Stages(doc, progress)
         source: Source = stage(f"loading {plan['spec']}", "load_s", lambda: load_model(args, plan["spec"]))
         if source.kind == "onnx" and args.to != "trt" and not (args.to == "onnx" and precision == "int8"):

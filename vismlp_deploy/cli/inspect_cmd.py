@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..reparam.report import ReparamReport
 from ..runtime.source import Source
-from .common import console, print_json, print_table, say, styled
+from .common import print_json, print_table, say, status, styled
 from .model_args import add_model_arguments, load_model
 
 
@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    with console.status("reading, detecting, planning the re-parameterization"):
+    with status("reading, detecting, planning the re-parameterization"):
         source = load_model(args, args.model)
         doc = describe(source)
     if args.json:

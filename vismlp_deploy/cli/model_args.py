@@ -6,7 +6,7 @@ import glob
 from pathlib import Path
 
 from ..runtime.source import Source, load_source
-from .common import byte_size, bounded_int, input_size, parse_json_arg
+from .common import bounded_int, byte_size, input_size, parse_json_arg
 
 MODEL_HELP = ("checkpoint (.pth/.pt/.bin/.safetensors), deploy artifact (.deploy.pt), .onnx file, "
               "or a named config (random weights; see `zoo`)")

@@ -9,8 +9,20 @@ from rich.table import Table
 from ..errors import UserError, VerificationError
 from ..precision import PRECISIONS
 from ..runtime.backends import backends_help
-from .common import (atomic_output, bounded_int, check_device, check_output, console, device, name_list,
-                     nonnegative_float, print_json, print_table, say, styled)
+from .common import (
+    atomic_output,
+    bounded_int,
+    check_device,
+    check_output,
+    device,
+    name_list,
+    nonnegative_float,
+    print_json,
+    print_table,
+    say,
+    status,
+    styled,
+)
 from .convert_cmd import add_calibration_arguments
 from .model_args import add_model_arguments, load_model
 
@@ -55,11 +67,11 @@ def run(args: argparse.Namespace) -> int:
     for path in (args.save_inputs, args.save_outputs):
         if path is not None:
             check_output(path, args.force)
-    with console.status("loading and re-parameterizing"):
+    with status("loading and re-parameterizing"):
         source = load_model(args, args.model)
         against = load_model(args, args.against) if args.against else None
         calibration = _calibration(args, source)
-    with console.status("running and comparing"):
+    with status("running and comparing"):
         result = verify(source, args.runners, against=against, precision=args.precision, tolerance=args.tolerance,
                         atol=args.atol, rtol=args.rtol, device=args.device, batch=args.proof_batch, seed=args.seed,
                         images=None if args.images == "none" else args.images, mean=args.mean, std=args.std,

@@ -99,13 +99,15 @@ def at_input_size(fmt: CheckpointFormat, config: dict, size: int | tuple[int, in
     saying why (the format's ``resize`` reason, or that its weights fix the size).
     """
     c, h, w = fmt.input_size(config)
+    if min(c, h, w) < 1:
+        raise UserError(f"{fmt.name}: the config gives input size {c}x{h}x{w}; every dimension must be >= 1")
     if size is None:
         return config, (c, h, w)
     size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    if min(size) < 1:
+        raise UserError(f"input size {size[0]}x{size[1]}: both sides must be >= 1")
     if size == (h, w):
         return config, (c, h, w)
-    if min(size) < 1:
-        raise UserError(f"input size {size[0]}x{size[1]}: both sides must be positive")
     if fmt.resize is None:
         raise UserError(f"{fmt.name} takes {h}x{w} inputs only: its weights fix the input size "
                         f"(asked for {size[0]}x{size[1]})")
@@ -141,7 +143,10 @@ def create_model(name: str, *, input_size: int | tuple[int, int] | None = None, 
     nc = get_config(name)
     fmt = get_format(nc.format)
     cfg, size = at_input_size(fmt, {**nc.config, **overrides}, input_size)
-    model = fmt.build(cfg)
+    try:
+        model = fmt.build(cfg)
+    except (TypeError, ValueError, KeyError, AssertionError, ZeroDivisionError) as e:
+        raise UserError(f"cannot build {name} with {overrides or 'its config'}: {type(e).__name__}: {e}") from None
     model.arch, model.config, model.input_size = fmt.name, cfg, size
     return model.eval()
 
