@@ -45,8 +45,15 @@ class SweepConfig:
     peak_sizes: tuple[int, ...] | None = None  # GEMM n's (default 1024, 2048 on CPU; 4096, 8192 on CUDA)
 
 
+class _Row:
+    """A dataclass row of a result (one CSV/JSON record)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass
-class Record:
+class Record(_Row):
     model: str
     family: str | None
     backend: str
@@ -63,12 +70,9 @@ class Record:
     gflops_per_sec: float | None
     fraction_of_peak: float | None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class Ratio:
+class Ratio(_Row):
     model: str
     backend: str
     batch: int
@@ -80,21 +84,15 @@ class Ratio:
     # most any exact deploy form can gain on this backend and machine (no kernel beats the peak)
     gemm_bound: float | None = None
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
 
 @dataclass
-class Skip:
+class Skip(_Row):
     model: str
     backend: str
     precision: str
     form: str
     batch: int | None
     reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -39,7 +39,7 @@ from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from .layers import clone_linear, exporting
 from .registry import StateDict, has_keys, register_config, register_format
-from .resmlp import (ChannelMlp, PatchStem, check_timm_args, count_blocks, fixed_input_size, fold_head_through_mean,
+from .resmlp import (ChannelMlp, PatchMlpNet, check_timm_args, count_blocks, fixed_input_size,
                      resize_img_size,
                      need, square_grid, token_count)
 
@@ -123,29 +123,18 @@ class MixerDeployBlock(nn.Module):
         return x + self.fc2(self.act(self.fc1(self.norm2(x))))
 
 
-class MlpMixer(nn.Module):
-    """Patch stem -> MixerBlocks -> LayerNorm -> token mean -> head. Input (B, in_chans, H, W) at the fixed size."""
+class MlpMixer(PatchMlpNet):
+    """MLP-Mixer: MixerBlocks and a final LayerNorm."""
 
     def __init__(self, img_size: int | tuple = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
                  embed_dim: int = 512, num_blocks: int = 8, mlp_ratio: tuple[float, float] = (0.5, 4.0)):
-        super().__init__()
         seq_len = token_count(img_size, patch_size)
-        self.stem = PatchStem(in_chans, embed_dim, patch_size)
-        self.blocks = nn.Sequential(*[MixerBlock(embed_dim, seq_len, mlp_ratio) for _ in range(num_blocks)])
-        self.norm = nn.LayerNorm(embed_dim, eps=LN_EPS)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        super().__init__(patch_size, in_chans, num_classes, embed_dim,
+                         [MixerBlock(embed_dim, seq_len, mlp_ratio) for _ in range(num_blocks)],
+                         nn.LayerNorm(embed_dim, eps=LN_EPS))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.norm(self.blocks(self.stem(x)))
-        return self.head(x.mean(1))
-
-    def reparameterize(self, ctx: ReparamContext) -> nn.Module:
-        if isinstance(self.head, nn.Linear):
-            fold_head_through_mean(self, ctx, self.norm.weight, self.norm.bias, "LayerNorm affine")
-            self.norm = _plain_layernorm(self.norm)
-        else:
-            ctx.left("norm", "LayerNorm affine", "no classifier head (num_classes=0) to fold the final affine into")
-        return self
+    def final_affine(self) -> tuple[Tensor, Tensor, str, nn.Module]:
+        return self.norm.weight, self.norm.bias, "LayerNorm affine", _plain_layernorm(self.norm)
 
 
 # ------------------------------------------------------------------ format

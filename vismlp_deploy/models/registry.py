@@ -119,19 +119,17 @@ def at_input_size(fmt: CheckpointFormat, config: dict, size: int | tuple[int, in
 
 
 def get_format(name: str) -> CheckpointFormat:
-    _ensure_loaded()
-    try:
-        return FORMATS[name]
-    except KeyError:
-        raise UserError(f"unknown architecture/format {name!r}; known: {', '.join(sorted(FORMATS))}") from None
+    return _lookup(formats(), name, f"unknown architecture/format {name!r}; known: {', '.join(sorted(FORMATS))}")
 
 
 def get_config(name: str) -> NamedConfig:
-    _ensure_loaded()
-    try:
-        return CONFIGS[name]
-    except KeyError:
-        raise UserError(f"unknown model {name!r}; `vismlp-deploy zoo` lists the named configs") from None
+    return _lookup(configs(), name, f"unknown model {name!r}; `vismlp-deploy zoo` lists the named configs")
+
+
+def _lookup(registry: dict, name: str, unknown: str):
+    if name not in registry:
+        raise UserError(unknown)
+    return registry[name]
 
 
 def create_model(name: str, *, input_size: int | tuple[int, int] | None = None, **overrides) -> nn.Module:

@@ -188,29 +188,51 @@ class ResMLPDeployBlock(nn.Module):
         return x + self.fc2(self.act(self.fc1(x)))
 
 
-class ResMLP(nn.Module):
-    """Patch stem -> ResBlocks -> Affine -> token mean -> head. Input (B, in_chans, H, W) at the fixed size."""
+class PatchMlpNet(nn.Module):
+    """timm's ``MlpMixer`` skeleton, shared by ResMLP and MLP-Mixer: patch stem -> blocks -> a final
+    per-channel norm -> token mean -> head. Input (B, in_chans, H, W) at the fixed size.
 
-    def __init__(self, img_size: int | tuple = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
-                 embed_dim: int = 384, depth: int = 12, mlp_ratio: float = 4, init_values: float = 1e-4):
+    A subclass names its final norm's affine (:meth:`final_affine`); the deploy form folds it into
+    the head through the token mean (the mean commutes with a per-channel affine).
+    """
+
+    def __init__(self, patch_size: int, in_chans: int, num_classes: int, embed_dim: int, blocks: list[nn.Module],
+                 norm: nn.Module):
         super().__init__()
-        seq_len = token_count(img_size, patch_size)
         self.stem = PatchStem(in_chans, embed_dim, patch_size)
-        self.blocks = nn.Sequential(*[ResBlock(embed_dim, seq_len, mlp_ratio, init_values) for _ in range(depth)])
-        self.norm = Affine(embed_dim)
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.norm(self.blocks(self.stem(x)))
         return self.head(x.mean(1))
 
+    def final_affine(self) -> tuple[Tensor, Tensor, str, nn.Module]:
+        """(scale (C,), shift (C,), what it is, the norm without its affine)."""
+        raise NotImplementedError
+
     def reparameterize(self, ctx: ReparamContext) -> nn.Module:
+        scale, shift, what, plain = self.final_affine()
         if isinstance(self.head, nn.Linear):
-            fold_head_through_mean(self, ctx, self.norm.alpha.reshape(-1), self.norm.beta.reshape(-1), "Affine")
-            self.norm = nn.Identity()
+            fold_head_through_mean(self, ctx, scale, shift, what)
+            self.norm = plain
         else:
-            ctx.left("norm", "Affine", "no classifier head (num_classes=0) to fold the final Affine into")
+            ctx.left("norm", what, f"no classifier head (num_classes=0) to fold the final {what} into")
         return self
+
+
+class ResMLP(PatchMlpNet):
+    """ResMLP: ResBlocks and a final Affine."""
+
+    def __init__(self, img_size: int | tuple = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 384, depth: int = 12, mlp_ratio: float = 4, init_values: float = 1e-4):
+        seq_len = token_count(img_size, patch_size)
+        super().__init__(patch_size, in_chans, num_classes, embed_dim,
+                         [ResBlock(embed_dim, seq_len, mlp_ratio, init_values) for _ in range(depth)], Affine(embed_dim))
+
+    def final_affine(self) -> tuple[Tensor, Tensor, str, nn.Module]:
+        return self.norm.alpha.reshape(-1), self.norm.beta.reshape(-1), "Affine", nn.Identity()
 
 
 # ------------------------------------------------------------------ formats
