@@ -93,3 +93,46 @@ def test_human_output_prints_the_proof_table(ckpt, capsys):
     assert main(["convert", str(ckpt), "--arch", ARCH, "--to", "onnx"]) == 0
     out, err = capsys.readouterr()
     assert out == "" and "onnxruntime" in err and "FAIL" not in err and "pass" in err and "dynamo exporter" in err
+
+
+def test_default_names_keep_the_whole_stem(tmp_path, capsys):
+    """``run.ep10.pth`` and ``run.ep20.pth`` must not both become ``run.onnx``."""
+    from tiny_model import tiny_checkpoint
+
+    for name in ("run.ep10.pth", "run.ep20.pth"):
+        tiny_checkpoint(tmp_path / name)
+    code = main(["convert", str(tmp_path / "run.ep*.pth"), "--to", "onnx", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["passed"]
+    assert [r["artifacts"]["onnx"] for r in doc["results"]] == [str(tmp_path / "run.ep10.onnx"),
+                                                                  str(tmp_path / "run.ep20.onnx")]
+
+
+def test_several_models_one_line_each_and_the_worst_exit_code(tmp_path, capsys):
+    from tiny_model import tiny_checkpoint
+
+    tiny_checkpoint(tmp_path / "good.pth")
+    (tmp_path / "bad.pth").write_bytes(b"")
+    code = main(["convert", str(tmp_path / "good.pth"), str(tmp_path / "bad.pth"), "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 2
+    assert err[0].startswith("ok ") and "good.deploy.pt" in err[0]
+    assert err[1].startswith("error ") and "is empty" in err[1]
+    assert (tmp_path / "good.deploy.pt").is_file() and not (tmp_path / "bad.deploy.pt").exists()
+
+
+def test_a_named_config_converts_like_a_checkpoint(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["convert", "mixer_s32", "--config", '{"num_blocks": 1, "num_classes": 10}', "--input-size", "64",
+                 "--to", "onnx", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and doc["passed"] and doc["artifacts"] == {"onnx": "mixer_s32.onnx"}
+    assert OrtRunner(tmp_path / "mixer_s32.onnx").run(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_a_deploy_artifact_exports_against_its_own_form(ckpt, capsys):
+    assert _convert(capsys, ckpt, "--to", "pt")[0] == 0
+    code = main(["convert", str(ckpt.with_name("toy.deploy.pt")), "--to", "onnx", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    assert code == 0 and [r["candidate"] for r in doc["proof"]] == ["onnxruntime (cpu fp32)"]
+    assert doc["proof"][0]["reference"] == "deploy (torch fp32)" and ckpt.with_name("toy.onnx").is_file()
