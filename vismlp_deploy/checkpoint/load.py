@@ -14,7 +14,8 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UserError
+from ..models.footprint import build_on_meta, check_footprint
 from ..models.registry import CheckpointFormat, get_format
 from .detect import Detection, describe_mismatch, detect_format, finish, preview
 from .io import Checkpoint, read_checkpoint
@@ -51,6 +52,7 @@ def load_checkpoint(
     *,
     ema: bool = False,
     trust_pickle: bool = False,
+    max_memory: int | None = None,
 ) -> nn.Module:
     """The train-time model of a checkpoint, in eval mode, float32.
 
@@ -59,6 +61,8 @@ def load_checkpoint(
     config: upstream constructor arguments; inferred from shapes if None, merged over the
         inferred ones if partial.
     ema: use the EMA weights of a training checkpoint. trust_pickle: allow code execution.
+    max_memory: refuse (CheckpointError) a model whose weights plus a batch-1 forward need more bytes;
+        None: half the available memory.
     The model carries ``arch``, ``config``, ``input_size``, ``checkpoint_info`` (LoadInfo)
     and ``config_notes`` (what the weights could not tell).
     """
@@ -67,7 +71,7 @@ def load_checkpoint(
         raise CheckpointError("this is a deploy model written by `vismlp-deploy convert`: it is already "
                               "re-parameterized (load it with vismlp_deploy.export.torch_artifact.load_deploy)")
     det = resolve(ckpt, arch, config)
-    model = build_and_load(det.format, det.config, ckpt.state_dict, notes=det.notes)
+    model = build_and_load(det.format, det.config, ckpt.state_dict, notes=det.notes, max_memory=max_memory)
     family_notes = [n for n in getattr(model, "config_notes", []) if n not in det.notes and not config]
     notes = ckpt.notes + det.notes + family_notes
     confidence = "medium" if family_notes and det.confidence == "high" else det.confidence
@@ -109,38 +113,84 @@ def resolve(ckpt: Checkpoint, arch: str | None, config: dict | None) -> Detectio
 
 
 def build_and_load(fmt: CheckpointFormat, config: dict, state_dict: Mapping[str, Tensor],
-                   notes: list[str] | None = None) -> nn.Module:
+                   notes: list[str] | None = None, max_memory: int | None = None) -> nn.Module:
     """Build ``fmt`` with ``config`` and load ``state_dict`` strictly, with readable errors.
 
-    Every key must be present and used and every shape must match (the message lists the
-    keys); NaN/Inf weights are refused. Only a missing BatchNorm ``num_batches_tracked``
+    Everything is checked on a meta-device build before any memory is spent: every key must be present
+    and used, every shape must match (the message lists the keys), the values must suit the model
+    (:func:`check_values`) and weights plus a batch-1 forward must fit ``max_memory`` (bytes; None: half
+    the available memory, see ``models.footprint``). Only a missing BatchNorm ``num_batches_tracked``
     counter is filled (with 0, recorded in ``notes``): it plays no part in eval mode.
     """
     try:
-        model = fmt.build(dict(config))
-    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError, NotImplementedError) as e:
-        raise CheckpointError(f"cannot build {fmt.name} with config {config}: {type(e).__name__}: {e}") from None
+        skeleton = build_on_meta(fmt, config)
+        input_size = _input_size(fmt, config)
+    except CheckpointError:
+        raise
+    except UserError as e:
+        raise CheckpointError(str(e)) from None
     try:
         mapped = dict(fmt.to_model_keys(state_dict))
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise CheckpointError(f"the checkpoint keys do not follow the {fmt.name} layout ({type(e).__name__}: {e})") from None
-    expected = model.state_dict()
+    expected = skeleton.state_dict()
     problem = describe_mismatch({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in mapped.items()})
     if problem:
         raise CheckpointError(f"checkpoint does not fit {fmt.name} {config}: {problem}")
     filled = [k for k in expected if k not in mapped]  # only num_batches_tracked survive describe_mismatch
     for k in filled:
-        mapped[k] = torch.zeros_like(expected[k])
+        mapped[k] = torch.zeros(expected[k].shape, dtype=expected[k].dtype)
     if filled and notes is not None:
         notes.append(f"{len(filled)} BatchNorm num_batches_tracked counters missing; set to 0 (unused in eval mode)")
-    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in mapped.items()
+    check_values(expected, mapped)
+    try:
+        check_footprint(fmt, config, input_size, max_bytes=max_memory, model=skeleton)
+    except UserError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        model = fmt.build(dict(config))
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"cannot build {fmt.name} with config {config}: {type(e).__name__}: {e}") from None
+    model.load_state_dict(mapped, strict=True)
+    model.arch, model.config = fmt.name, dict(config)
+    model.input_size = input_size
+    return model.float().eval()
+
+
+def check_values(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) -> None:
+    """Refuse values that ``load_state_dict`` would silently cast or that no trained network has, naming the
+    keys: a dtype of another kind than the model's tensor (integer or complex weights, float counters),
+    NaN/Inf, negative BatchNorm ``running_var``. ``expected``: the model's state_dict (meta tensors do)."""
+    kinds = {k: (_kind(expected[k]), _kind(v)) for k, v in got.items() if k in expected}
+    wrong = [f"{k} ({str(got[k].dtype).removeprefix('torch.')}, model has {want})" for k, (want, have) in kinds.items()
+             if want != have]
+    if wrong:
+        raise CheckpointError(f"checkpoint has tensors of the wrong kind in {len(wrong)} places: {preview(wrong, 4)}; "
+                              "a trained network stores floating-point weights and integer counters")
+    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in got.items()
            if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"checkpoint has NaN/Inf weights in {len(bad)} tensors: {preview(bad, 4)}")
-    model.load_state_dict(mapped, strict=True)
-    model.arch, model.config = fmt.name, dict(config)
-    model.input_size = tuple(fmt.input_size(config))
-    return model.float().eval()
+    negative = [f"{k} ({int((v < 0).sum())} of {v.numel()})" for k, v in got.items()
+                if k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any())]
+    if negative:
+        raise CheckpointError(f"checkpoint has negative BatchNorm variances in {len(negative)} tensors: "
+                              f"{preview(negative, 4)}; a variance is never below 0")
+
+
+def _kind(t: Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "float"
+    return "bool" if t.dtype == torch.bool else "integer"
+
+
+def _input_size(fmt: CheckpointFormat, config: dict) -> tuple[int, int, int]:
+    try:
+        return tuple(fmt.input_size(dict(config)))
+    except Exception as e:  # noqa: BLE001 - a config the family cannot size
+        raise CheckpointError(f"cannot tell the input size of {fmt.name} with config {config}: {e}") from None
 
 
 def _config_source(ckpt: Checkpoint, config: dict | None) -> str:

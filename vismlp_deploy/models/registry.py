@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .footprint import check_footprint
 
 StateDict = Mapping[str, Tensor]
 
@@ -88,14 +89,17 @@ def get_config(name: str) -> NamedConfig:
         raise UserError(f"unknown model {name!r}; `vismlp-deploy zoo` lists the named configs") from None
 
 
-def create_model(name: str, **overrides) -> nn.Module:
+def create_model(name: str, *, max_memory: int | None = None, **overrides) -> nn.Module:
     """A named config of the zoo, train-time form, eval mode, freshly initialised.
 
     ``overrides`` replace constructor arguments, e.g. ``create_model("resmlp_12", num_classes=10)``.
+    A config the family rejects, or whose weights plus a batch-1 forward exceed ``max_memory`` bytes
+    (None: half the available memory), raises UserError before anything is allocated.
     """
     nc = get_config(name)
     fmt = get_format(nc.format)
     cfg = {**nc.config, **overrides}
+    check_footprint(fmt, cfg, max_bytes=max_memory)
     model = fmt.build(cfg)
     model.arch, model.config = fmt.name, cfg
     model.input_size = tuple(fmt.input_size(cfg))

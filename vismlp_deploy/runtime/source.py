@@ -30,27 +30,29 @@ class Source:
 
 
 def load_source(spec: str | Path, *, arch: str | None = None, config: dict | None = None, ema: bool = False,
-                trust_pickle: bool = False, seed: int = 0) -> Source:
+                trust_pickle: bool = False, seed: int = 0, max_memory: int | None = None) -> Source:
     """Resolve ``spec``: an existing file (checkpoint / deploy .pt / .onnx) or a named config.
 
     A named config is built with ``randomize_(model, seed)`` weights (realistic statistics,
     so that the deploy form does real work and every fold is exercised).
+    max_memory: bytes the model (weights + batch-1 activations) may need; None: half the available memory.
+    Anything that cannot be read, built or run raises UserError (an .onnx file is checked before any session).
     """
     path = Path(spec)
     if path.is_file():
         if path.suffix == ".onnx":
-            return _from_onnx(path)
-        return _from_file(path, arch, config, ema, trust_pickle)
+            return _from_onnx(path, max_memory)
+        return _from_file(path, arch, config, ema, trust_pickle, max_memory)
     if path.suffix or "/" in str(spec):
         raise UserError(f"{spec}: no such file")
-    return from_named_config(str(spec), seed)
+    return from_named_config(str(spec), seed, max_memory)
 
 
-def from_named_config(name: str, seed: int = 0) -> Source:
+def from_named_config(name: str, seed: int = 0, max_memory: int | None = None) -> Source:
     from ..models.init import randomize_
     from ..models.registry import create_model, get_format
 
-    train = randomize_(create_model(name), seed=seed).eval()
+    train = randomize_(create_model(name, max_memory=max_memory), seed=seed).eval()
     train.input_size = tuple(get_format(train.arch).input_size(train.config))
     return from_train(train, name)
 
@@ -66,7 +68,7 @@ def from_train(train: nn.Module, name: str) -> Source:
     return Source(name, tuple(train.input_size), train=train, deploy=deploy)
 
 
-def _from_file(path: Path, arch, config, ema, trust_pickle) -> Source:
+def _from_file(path: Path, arch, config, ema, trust_pickle, max_memory) -> Source:
     from ..checkpoint.io import read_checkpoint
     from ..checkpoint.load import load_checkpoint
 
@@ -74,21 +76,13 @@ def _from_file(path: Path, arch, config, ema, trust_pickle) -> Source:
     if meta.get("form") == "deploy":
         from ..export.torch_artifact import load_deploy
 
-        deploy = load_deploy(path)
+        deploy = load_deploy(path, max_memory)
         return Source(path.name, tuple(deploy.input_size), deploy=deploy)
-    train = load_checkpoint(path, arch=arch, config=config, ema=ema, trust_pickle=trust_pickle)
+    train = load_checkpoint(path, arch=arch, config=config, ema=ema, trust_pickle=trust_pickle, max_memory=max_memory)
     return from_train(train, path.name)
 
 
-def _from_onnx(path: Path) -> Source:
-    from ..export.onnx import read_metadata
+def _from_onnx(path: Path, max_memory: int | None) -> Source:
+    from .onnx_input import check_onnx_input
 
-    size = read_metadata(path).get("input_size")
-    if not size or len(size) != 3:
-        import onnx
-
-        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1:]
-        size = [d.dim_value for d in dims]
-        if len(size) != 3 or not all(size):
-            raise UserError(f"{path}: cannot tell the input size (no vismlp_deploy metadata, no static C, H, W)")
-    return Source(path.name, tuple(int(s) for s in size), onnx_path=path)
+    return Source(path.name, check_onnx_input(path, max_memory), onnx_path=path)
