@@ -138,6 +138,8 @@ CHECKPOINTS: dict[str, tuple[str, Callable[[Path], None], Callable[[Path], objec
                        load_checkpoint, r"wrong kind.*weight \(complex64, model has float\)"),
     "negative-running-var": ("ckpt.pth", _convmixer_file(_weights_edit(lambda k: k.endswith("running_var"), lambda t: -t)),
                              load_checkpoint, r"negative BatchNorm variances.*running_var"),
+    "config-argument-not-a-dict": ("ckpt.pth", _resmlp_file(), lambda p: load_checkpoint(p, config="embed_dim=16"),
+                                   r"config must be a dict"),
     "meta-config-string": ("ckpt.pth", _resmlp_file(_meta_edit(config="embed_dim=16")), load_checkpoint,
                            r"metadata.*config is a str"),
     "meta-arch-int": ("ckpt.pth", _resmlp_file(_meta_edit(arch=7)), load_checkpoint, r"metadata.*arch is a int"),
@@ -255,6 +257,30 @@ def test_default_limit_follows_available_memory(monkeypatch, workdir: Path) -> N
     monkeypatch.setattr(footprint, "available_memory", lambda: 4 * GiB)
     _refused(lambda: create_model("asmlp_t", img_size=6016), workdir, r"limit of 2\.0 GiB \(half of the 4\.0 GiB available\)")
     assert create_model("asmlp_t", **TINY_ASMLP).input_size == (3, 32, 32)  # small ones still fit
+
+
+@pytest.mark.parametrize("inplace, peak", [(False, 192 + 320 + 320), (True, 192 + 320 + 80)])
+def test_activation_estimate_is_the_peak_of_live_tensors(inplace: bool, peak: int) -> None:
+    """Batch 4 of 3x2x2 through Flatten-Linear(12, 20)-ReLU-Linear(20, 5): the input (192 B), the first Linear's
+    output (320 B) and the ReLU's (320 B, or none in place) are alive together; the sum of all would be more."""
+    from vismlp_deploy.models.footprint import estimate
+
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 20), torch.nn.ReLU(inplace=inplace),
+                                    torch.nn.Linear(20, 5)).eval()
+    fp = estimate(model, (3, 2, 2), batch=4)
+    assert (fp.weights, fp.activations) == ((12 * 20 + 20 + 20 * 5 + 5) * 4, peak)
+
+
+def test_onnx_estimate_is_weights_plus_peak_at_batch_1(workdir: Path) -> None:
+    """Conv 3->4 (3x3) on 1x3x24x24: weights 432 B; input 6912 B and conv output 7744 B alive together."""
+    from vismlp_deploy.runtime.onnx_input import check_onnx_input
+
+    path = workdir / "dyn.onnx"
+    _dynamic_hw_onnx(path, [3, 24, 24])
+    need = 4 * 3 * 3 * 3 * 4 + 3 * 24 * 24 * 4 + 4 * 22 * 22 * 4
+    assert check_onnx_input(path, max_memory=need) == (3, 24, 24)
+    _refused(lambda: check_onnx_input(path, max_memory=need - 1), workdir, r"needs about 14\.7 KiB")
 
 
 # --------------------------------------------------------------------------- bounded memory (subprocess)

@@ -143,7 +143,7 @@ def sniff(path: Path) -> str:
         raise CheckpointError(f"{path} is empty (0 bytes): an interrupted save or copy?")
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "zip"
-    if head[:1] == b"\x80" or _is_pickle(path):  # PROTO: pickle protocol >= 2; older protocols have no mark
+    if head[:1] == b"\x80":  # PROTO: pickle protocol >= 2
         return "pickle"
     if len(head) >= 9 and head[8:9] == b"{":
         (n,) = struct.unpack("<Q", head[:8])
@@ -153,6 +153,8 @@ def sniff(path: Path) -> str:
     what = next((w for sig, w in _SIGNATURES.items() if head.startswith(sig)), None)
     if what is None and head.startswith(b"\x08") and path.suffix == ".onnx":
         what = "an ONNX model (already exported)"
+    if what is None and _is_pickle(path):  # protocols 0 and 1 have no header: a complete first pickle tells
+        return "pickle"
     if what is None:
         what = "a text file" if all(32 <= b < 127 or b in (9, 10, 13) for b in head) else "an unknown binary format"
     raise CheckpointError(f"{path} is not a checkpoint: it looks like {what}; "
@@ -223,7 +225,7 @@ def _verify_zip(path: Path) -> None:
                     while f.read(1 << 24):  # ZipExtFile checks the CRC when it reaches the end
                         pass
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt checkpoint: {first_line(e)}") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {first_line(e)})") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 

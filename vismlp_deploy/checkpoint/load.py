@@ -66,6 +66,8 @@ def load_checkpoint(
     The model carries ``arch``, ``config``, ``input_size``, ``checkpoint_info`` (LoadInfo)
     and ``config_notes`` (what the weights could not tell).
     """
+    if config is not None and not isinstance(config, Mapping):
+        raise CheckpointError(f"config must be a dict of constructor arguments, not a {type(config).__name__}")
     ckpt = read_checkpoint(source, ema=ema, trust_pickle=trust_pickle)
     if ckpt.meta and ckpt.meta.get("form") == "deploy":
         raise CheckpointError("this is a deploy model written by `vismlp-deploy convert`: it is already "
