@@ -283,6 +283,21 @@ def test_onnx_estimate_is_weights_plus_peak_at_batch_1(workdir: Path) -> None:
     _refused(lambda: check_onnx_input(path, max_memory=need - 1), workdir, r"needs about 14\.7 KiB")
 
 
+def test_available_memory_counts_the_cgroup_limit(monkeypatch, tmp_path: Path) -> None:
+    """A container's limit counts (less its usage, plus reclaimable page cache); "max" means none."""
+    from vismlp_deploy.models import footprint
+
+    monkeypatch.setattr(footprint, "CGROUP_ROOT", tmp_path)
+    (tmp_path / "memory.max").write_text("max\n")
+    assert footprint._cgroup_headroom() is None
+    (tmp_path / "memory.max").write_text(f"{8 * GiB}\n")
+    (tmp_path / "memory.current").write_text(f"{7 * GiB}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {4 * GiB}\ninactive_file {3 * GiB}\nactive_file 5\n")
+    assert footprint._cgroup_headroom() == 4 * GiB
+    monkeypatch.setattr(footprint, "_meminfo_available", lambda: 64 * GiB)
+    assert footprint.available_memory() == 4 * GiB
+
+
 # --------------------------------------------------------------------------- bounded memory (subprocess)
 
 _RSS_SCRIPT = """

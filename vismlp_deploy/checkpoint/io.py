@@ -84,8 +84,8 @@ def check_tensors(sd: Mapping[str, Tensor]) -> None:
     for k, v in sd.items():
         if v.layout != torch.strided:
             what = f"sparse ({str(v.layout).removeprefix('torch.')})"
-        elif v.device.type != "cpu":
-            what = "meta-device (shape only, no data)" if v.is_meta else f"{v.device.type}"
+        elif v.is_meta:
+            what = "meta-device (shape only, no data)"
         elif v.is_quantized:
             what = "quantized"
         elif _overlaps(v):
@@ -94,7 +94,7 @@ def check_tensors(sd: Mapping[str, Tensor]) -> None:
             continue
         found.setdefault(what, []).append(f"{k} {tuple(v.shape)}")
     if found:
-        parts = "; ".join(f"{what}: {_preview(keys)}" for what, keys in found.items())
+        parts = "; ".join(f"{what}: {preview(keys, 4)}" for what, keys in found.items())
         raise CheckpointError(f"checkpoint has tensors a trained network never stores: {parts}")
 
 
@@ -111,8 +111,10 @@ def _overlaps(t: Tensor) -> bool:
     return False
 
 
-def _preview(keys: list[str], n: int = 4) -> str:
-    return ", ".join(keys[:n]) + (f", … (+{len(keys) - n})" if len(keys) > n else "")
+def preview(keys: list[str], n: int = 6) -> str:
+    """The first ``n`` of ``keys`` and how many more, for one-line messages."""
+    more = f", … (+{len(keys) - n})" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
 
 
 # --------------------------------------------------------------------------- file kinds
@@ -162,6 +164,13 @@ def sniff(path: Path) -> str:
 
 
 # --------------------------------------------------------------------------- readers
+
+# legacy torch.save: magic number, protocol, system info, the object, storage keys, then raw bytes
+_LEGACY_PICKLES = 5
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_MAX_INFLATE = 100  # uncompressed / file size of a zip; torch.save stores members uncompressed (1)
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
+
 
 def _read_safetensors(path: Path) -> dict:
     from safetensors import safe_open
@@ -253,13 +262,6 @@ def _code_needed(path: Path, kind: str, e: Exception) -> str | None:
         # a real opcode the restricted unpickler lacks (e.g. protocol 4 FRAME) vs garbage bytes
         return f"pickle instruction {op} is not supported by the safe loader" if op else None
     return None
-
-
-# legacy torch.save: magic number, protocol, system info, the object, storage keys, then raw bytes
-_LEGACY_PICKLES = 5
-_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_MAX_INFLATE = 100
-_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
 
 
 def _pickle_globals(f: BinaryIO | _Capped, max_pickles: int) -> list[str]:

@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CheckpointError, UserError
-from ..models.footprint import build_on_meta, check_footprint
+from ..models.footprint import build_on_meta, check_footprint, input_size_of
 from ..models.registry import CheckpointFormat, get_format
-from .detect import Detection, describe_mismatch, detect_format, finish, preview
-from .io import Checkpoint, read_checkpoint
+from .detect import Detection, describe_mismatch, detect_format, finish
+from .io import Checkpoint, preview, read_checkpoint
 
 
 @dataclass
@@ -126,9 +126,7 @@ def build_and_load(fmt: CheckpointFormat, config: dict, state_dict: Mapping[str,
     """
     try:
         skeleton = build_on_meta(fmt, config)
-        input_size = _input_size(fmt, config)
-    except CheckpointError:
-        raise
+        input_size = input_size_of(fmt, config)
     except UserError as e:
         raise CheckpointError(str(e)) from None
     try:
@@ -186,13 +184,6 @@ def _kind(t: Tensor) -> str:
     if t.is_floating_point():
         return "float"
     return "bool" if t.dtype == torch.bool else "integer"
-
-
-def _input_size(fmt: CheckpointFormat, config: dict) -> tuple[int, int, int]:
-    try:
-        return tuple(fmt.input_size(dict(config)))
-    except Exception as e:  # noqa: BLE001 - a config the family cannot size
-        raise CheckpointError(f"cannot tell the input size of {fmt.name} with config {config}: {e}") from None
 
 
 def _config_source(ckpt: Checkpoint, config: dict | None) -> str:

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 DEFAULT_FRACTION = 0.5  # of the available memory: the train and the deploy form coexist in every command
 MAX_TENSORS = 20_000  # tensors created while building: the largest named config creates about 900
 MAX_FORWARD_TENSORS = 200_000  # tensors created by one forward
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 
 
 @dataclass(frozen=True)
@@ -135,16 +136,21 @@ def check_footprint(fmt: CheckpointFormat, config: Mapping[str, Any], input_size
     if model is None:
         model = build_on_meta(fmt, config)
     if input_size is None:
-        try:
-            input_size = tuple(fmt.input_size(dict(config)))
-        except Exception as e:  # noqa: BLE001 - a config the family cannot size
-            raise UserError(f"cannot tell the input size of {fmt.name} with config {dict(config)}: {first_line(e)}") from None
+        input_size = input_size_of(fmt, config)
     fp = estimate(model, input_size, batch, name=f"{fmt.name} with config {dict(config)}")
     if limit is not None and fp.total > limit:
         size = "x".join(map(str, input_size))
         raise UserError(f"{fmt.name} at input {size} needs {fp.describe()}, more than the memory limit of "
                         f"{format_bytes(limit)} ({how}); pass max_memory (--max-memory) to raise the limit")
     return fp
+
+
+def input_size_of(fmt: CheckpointFormat, config: Mapping[str, Any]) -> tuple[int, int, int]:
+    """``fmt.input_size(config)`` as a tuple; UserError if the family cannot size this config."""
+    try:
+        return tuple(fmt.input_size(dict(config)))
+    except Exception as e:  # noqa: BLE001 - a config the family cannot size
+        raise UserError(f"cannot tell the input size of {fmt.name} with config {dict(config)}: {first_line(e)}") from None
 
 
 # --------------------------------------------------------------------------- the limit
@@ -189,14 +195,21 @@ def _meminfo_available() -> int | None:
 
 
 def _cgroup_headroom() -> int | None:
-    """limit - usage of this process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``), if limited."""
-    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+    """What this container's cgroup still allows: limit - usage + reclaimable page cache (v2 ``memory.max``,
+    v1 ``memory.limit_in_bytes``, as seen at /sys/fs/cgroup inside a container); None without a limit."""
+    root = CGROUP_ROOT
+    for folder, limit_file, usage_file, cache_key in (("", "memory.max", "memory.current", "inactive_file"),
+                                                      ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                       "total_inactive_file")):
         try:
-            limit = (Path("/sys/fs/cgroup") / limit_file).read_text().strip()
-            usage = (Path("/sys/fs/cgroup") / usage_file).read_text().strip()
-            if limit != "max" and int(limit) < 1 << 60:  # v1 writes a huge number for "no limit"
-                return max(0, int(limit) - int(usage))
-        except (OSError, ValueError):
+            limit = (root / folder / limit_file).read_text().strip()
+            if limit == "max" or int(limit) >= 1 << 60:  # v1 writes a huge number for "no limit"
+                continue
+            usage = int((root / folder / usage_file).read_text())
+            stat = (root / folder / "memory.stat").read_text().splitlines()
+            cache = next((int(line.split()[1]) for line in stat if line.split()[:1] == [cache_key]), 0)
+            return max(0, int(limit) - usage + cache)
+        except (OSError, ValueError, IndexError):
             continue
     return None
 
