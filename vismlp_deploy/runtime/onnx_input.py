@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 
 import onnx
-from onnx import shape_inference
+from onnx import helper, shape_inference
 
 from ..errors import UserError, first_line
 from ..export.onnx import load_proto, metadata_of
@@ -74,13 +74,10 @@ def _activation_peak(path: Path, proto: onnx.ModelProto, size: tuple[int, int, i
     ONNX shape inference with the input fixed to (1, *size); a tensor lives until its last consumer ran)."""
     graph = proto.graph
     weights = {t.name for t in graph.initializer}
-    image = next(i for i in graph.input if i.name not in weights)
-    for d, n in zip(image.type.tensor_type.shape.dim, (1, *size)):
-        d.Clear()
-        d.dim_value = n
-    del graph.value_info[:]  # shapes recorded at export time would contradict a batch of 1
+    probe = _shape_probe(proto, size)
+    image = probe.graph.input[0]
     try:
-        inferred = shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True).graph
+        inferred = shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True).graph
     except Exception as e:  # noqa: BLE001 - InferenceError: the graph cannot take this input
         raise UserError(f"{path}: the graph cannot take an input of 1x{'x'.join(map(str, size))} ({first_line(e)})") from None
     shapes = {v.name: (v.type.tensor_type.elem_type, [d.dim_value if d.HasField("dim_value") else None
@@ -101,10 +98,27 @@ def _activation_peak(path: Path, proto: onnx.ModelProto, size: tuple[int, int, i
     return peak
 
 
+def _shape_probe(proto: onnx.ModelProto, size: tuple[int, int, int]) -> onnx.ModelProto:
+    """The graph of ``proto`` with its image input fixed to (1, *size), for shape inference: weights above 1 KiB
+    become typed graph inputs (their shapes are all inference needs; small ones, such as Reshape targets, keep
+    their values), so the copy stays small even for a 2 GB model. No recorded intermediate shapes."""
+    graph = proto.graph
+    weights = {t.name for t in graph.initializer}
+    given = next(i for i in graph.input if i.name not in weights)
+    image = helper.make_tensor_value_info(given.name, given.type.tensor_type.elem_type, [1, *size])
+    small = [t for t in graph.initializer if _bytes(t.data_type, t.dims) <= 1024]
+    big = [helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer
+           if _bytes(t.data_type, t.dims) > 1024]
+    probe = helper.make_model(helper.make_graph(graph.node, graph.name, [image, *big], graph.output, small),
+                              opset_imports=proto.opset_import, ir_version=proto.ir_version)
+    probe.functions.extend(proto.functions)
+    return probe
+
+
 def _bytes(elem_type: int, dims) -> int:
     """Bytes of a tensor of ``dims`` (0 for an unknown dimension or element type: the estimate is a lower bound)."""
     try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+        itemsize = helper.tensor_dtype_to_np_dtype(elem_type).itemsize
     except (KeyError, ValueError, TypeError):
         return 0
     return itemsize * math.prod(int(d) for d in dims)
