@@ -216,7 +216,7 @@ def _cgroup_headroom() -> int | None:
 
 # --------------------------------------------------------------------------- text
 
-def format_bytes(n: int | float) -> str:
+def format_bytes(n: float) -> str:
     """``1.5 GiB``, ``320.0 MiB``; binary units."""
     if abs(n) < 1024:
         return f"{n:.0f} B"
