@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from helpers import assert_close
@@ -189,3 +191,50 @@ def test_inert_training_metadata_needs_no_trust(tmp_path: Path) -> None:
     path = tmp_path / "train.pth"
     torch.save({"model": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1), "epoch": 3}, path)
     assert read_checkpoint(path).source == "model"
+
+
+# --------------------------------------------------------------------------- structural checks of read tensors
+
+@settings(max_examples=60)
+@given(st.data())
+def test_overlap_check_has_no_false_negatives(data) -> None:
+    """Any strided layout whose elements share an address is flagged (compared with enumerating addresses)."""
+    from vismlp_deploy.checkpoint.io import _overlaps
+
+    ndim = data.draw(st.integers(1, 4))
+    shape = data.draw(st.lists(st.integers(0, 5), min_size=ndim, max_size=ndim))
+    strides = data.draw(st.lists(st.integers(0, 40), min_size=ndim, max_size=ndim))
+    t = torch.empty(2000).as_strided(shape, strides)
+    grid = torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, ndim) if t.numel() else torch.zeros(0, ndim)
+    addresses = (grid.long() * torch.tensor(strides)).sum(1)
+    if addresses.unique().numel() < addresses.numel():
+        assert _overlaps(t)
+
+
+@settings(max_examples=60)
+@given(st.data())
+def test_views_of_a_dense_tensor_are_never_flagged(data) -> None:
+    """Slices with steps and permutations of a contiguous tensor (what real state_dicts hold) pass."""
+    from vismlp_deploy.checkpoint.io import _overlaps, check_tensors
+
+    shape = data.draw(st.lists(st.integers(1, 6), min_size=1, max_size=4))
+    t = torch.randn(shape).permute(*data.draw(st.permutations(range(len(shape)))))
+    for dim in range(t.dim()):
+        start = data.draw(st.integers(0, t.shape[dim] - 1))
+        t = t.narrow(dim, start, t.shape[dim] - start)[(slice(None),) * dim + (slice(None, None, data.draw(st.integers(1, 3))),)]
+    assert not _overlaps(t)
+    check_tensors({"w": t})
+
+
+def test_safe_pickle_the_safe_loader_cannot_read_is_not_called_code(tmp_path: Path) -> None:
+    """A plain legacy state_dict at pickle protocol 4 imports nothing unsafe; the refusal says what is missing."""
+    path = tmp_path / "p4.pth"
+    torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False, pickle_protocol=4)
+    with pytest.raises(CheckpointError, match=r"pickle instruction FRAME is not supported by the safe loader"):
+        read_checkpoint(path)
+    assert torch.equal(read_checkpoint(path, trust_pickle=True).state_dict["w"], torch.ones(2))
+    # protocol 0 has no header byte: still recognised as a pickle (its globals named), not as "a text file"
+    torch.save({"w": torch.ones(2), "x": _Payload(tmp_path / "m")}, path, _use_new_zipfile_serialization=False,
+               pickle_protocol=0)
+    with pytest.raises(CheckpointError, match=r"can run code.*imports io\.open"):
+        read_checkpoint(path)

@@ -27,3 +27,13 @@ class VerificationError(VisMLPError):
 
 class VisMLPWarning(UserWarning):
     """Something a user should know that does not stop the work (the CLI prints these as ``warning:``)."""
+
+
+def first_line(reason: BaseException | str, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message (its type name if it has none) or of a text,
+    at most ``limit`` characters (an ellipsis marks a cut): what goes after the colon of a one-line error."""
+    text = str(reason)
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    if not line and isinstance(reason, BaseException):
+        return type(reason).__name__
+    return line if len(line) <= limit else line[:limit - 1] + "…"

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import CheckpointError
 from ..models.registry import CONFIGS, FORMATS, CheckpointFormat, formats
+from .io import preview
 
 CLASS_KEYS = ("num_classes", "num_class", "n_classes")  # the spellings of the class count upstream
 Shapes = dict[str, tuple[int, ...]]
@@ -99,11 +100,6 @@ def mapped_shapes(fmt: CheckpointFormat, sd: Mapping[str, Tensor]) -> Shapes:
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise CheckpointError(f"the keys do not follow the {fmt.name} layout ({type(e).__name__}: {e})") from None
     return {k: tuple(v.shape) for k, v in mapped.items()}
-
-
-def preview(keys: list[str], n: int = 6) -> str:
-    more = f", … (+{len(keys) - n})" if len(keys) > n else ""
-    return ", ".join(keys[:n]) + more
 
 
 # --------------------------------------------------------------------------- detection

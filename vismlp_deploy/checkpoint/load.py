@@ -14,10 +14,11 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UserError
+from ..models.footprint import build_on_meta, check_footprint, input_size_of
 from ..models.registry import CheckpointFormat, at_input_size, get_format
-from .detect import Detection, describe_mismatch, detect_format, finish, preview
-from .io import Checkpoint, read_checkpoint
+from .detect import Detection, describe_mismatch, detect_format, finish
+from .io import Checkpoint, preview, read_checkpoint
 
 
 @dataclass
@@ -45,13 +46,14 @@ class LoadInfo:
 
 
 def load_checkpoint(
-    source: str | os.PathLike | Mapping[str, Any],
+    source: str | os.PathLike | Mapping[str, Any] | Checkpoint,
     arch: str | None = None,
     config: dict | None = None,
     *,
     ema: bool = False,
     trust_pickle: bool = False,
     input_size: int | tuple[int, int] | None = None,
+    max_memory: int | None = None,
 ) -> nn.Module:
     """The train-time model of a checkpoint, in eval mode, float32.
 
@@ -62,9 +64,13 @@ def load_checkpoint(
     ema: use the EMA weights of a training checkpoint. trust_pickle: allow code execution.
     input_size: (H, W) or an int: the input size to run at (channels come from the weights),
         where the network allows it; default: the size stored with the file, else the config's.
+    max_memory: refuse (CheckpointError) a model whose weights plus a batch-1 forward need more bytes;
+        None: half the available memory.
     The model carries ``arch``, ``config``, ``input_size``, ``checkpoint_info`` (LoadInfo)
     and ``config_notes`` (what the weights could not tell).
     """
+    if config is not None and not isinstance(config, Mapping):
+        raise CheckpointError(f"config must be a dict of constructor arguments, not a {type(config).__name__}")
     ckpt = read_checkpoint(source, ema=ema, trust_pickle=trust_pickle)
     if ckpt.meta and ckpt.meta.get("form") == "deploy":
         raise CheckpointError("this is a deploy model written by `vismlp-deploy convert`: it is already "
@@ -72,7 +78,7 @@ def load_checkpoint(
     det = resolve(ckpt, arch, config)
     if input_size is None and ckpt.meta and ckpt.meta.get("input_size"):
         input_size = tuple(ckpt.meta["input_size"][1:])
-    model = _build_at_size(det, ckpt, input_size)
+    model = _build_at_size(det, ckpt, input_size, max_memory)
     family_notes = [n for n in getattr(model, "config_notes", []) if n not in det.notes and not config]
     notes = ckpt.notes + det.notes + family_notes
     confidence = "medium" if family_notes and det.confidence == "high" else det.confidence
@@ -84,19 +90,18 @@ def load_checkpoint(
     return model
 
 
-def _build_at_size(det: Detection, ckpt: Checkpoint, input_size) -> nn.Module:
+def _build_at_size(det: Detection, ckpt: Checkpoint, input_size, max_memory: int | None) -> nn.Module:
     """The detected network at ``input_size``; where the weights fix the size, a clear error."""
     fmt = det.format
     config, size = at_input_size(fmt, det.config, input_size)
     try:
-        model = build_and_load(fmt, config, ckpt.state_dict, notes=det.notes)
+        model = build_and_load(fmt, config, ckpt.state_dict, notes=det.notes, max_memory=max_memory, input_size=size)
     except CheckpointError as e:
         if config == det.config:
             raise
         c, h, w = fmt.input_size(det.config)
         raise CheckpointError(f"this {fmt.name} checkpoint's weights fix its input size at {h}x{w}: "
                               f"{size[1]}x{size[2]} does not fit them ({e})") from None
-    model.input_size = size
     return model
 
 
@@ -130,38 +135,77 @@ def resolve(ckpt: Checkpoint, arch: str | None, config: dict | None) -> Detectio
 
 
 def build_and_load(fmt: CheckpointFormat, config: dict, state_dict: Mapping[str, Tensor],
-                   notes: list[str] | None = None) -> nn.Module:
+                   notes: list[str] | None = None, max_memory: int | None = None,
+                   input_size: tuple[int, int, int] | None = None) -> nn.Module:
     """Build ``fmt`` with ``config`` and load ``state_dict`` strictly, with readable errors.
 
-    Every key must be present and used and every shape must match (the message lists the
-    keys); NaN/Inf weights are refused. Only a missing BatchNorm ``num_batches_tracked``
+    Everything is checked on a meta-device build before any memory is spent: every key must be present
+    and used, every shape must match (the message lists the keys), the values must suit the model
+    (:func:`check_values`) and weights plus a batch-1 forward must fit ``max_memory`` (bytes; None: half
+    the available memory, see ``models.footprint``) at ``input_size`` (C, H, W; default: the config's).
+    Only a missing BatchNorm ``num_batches_tracked``
     counter is filled (with 0, recorded in ``notes``): it plays no part in eval mode.
     """
     try:
-        model = fmt.build(dict(config))
-    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError, NotImplementedError) as e:
-        raise CheckpointError(f"cannot build {fmt.name} with config {config}: {type(e).__name__}: {e}") from None
+        skeleton = build_on_meta(fmt, config)
+        input_size = input_size or input_size_of(fmt, config)
+    except UserError as e:
+        raise CheckpointError(str(e)) from None
     try:
         mapped = dict(fmt.to_model_keys(state_dict))
     except (KeyError, ValueError, IndexError, TypeError) as e:
         raise CheckpointError(f"the checkpoint keys do not follow the {fmt.name} layout ({type(e).__name__}: {e})") from None
-    expected = model.state_dict()
+    expected = skeleton.state_dict()
     problem = describe_mismatch({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in mapped.items()})
     if problem:
         raise CheckpointError(f"checkpoint does not fit {fmt.name} {config}: {problem}")
     filled = [k for k in expected if k not in mapped]  # only num_batches_tracked survive describe_mismatch
     for k in filled:
-        mapped[k] = torch.zeros_like(expected[k])
+        mapped[k] = torch.zeros(expected[k].shape, dtype=expected[k].dtype)
     if filled and notes is not None:
         notes.append(f"{len(filled)} BatchNorm num_batches_tracked counters missing; set to 0 (unused in eval mode)")
-    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in mapped.items()
+    check_values(expected, mapped)
+    try:
+        check_footprint(fmt, config, input_size, max_bytes=max_memory, model=skeleton)
+    except UserError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        model = fmt.build(dict(config))
+    except (TypeError, ValueError, AssertionError, KeyError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"cannot build {fmt.name} with config {config}: {type(e).__name__}: {e}") from None
+    model.load_state_dict(mapped, strict=True)
+    model.arch, model.config = fmt.name, dict(config)
+    model.input_size = input_size
+    return model.float().eval()
+
+
+def check_values(expected: Mapping[str, Tensor], got: Mapping[str, Tensor]) -> None:
+    """Refuse values that ``load_state_dict`` would silently cast or that no trained network has, naming the
+    keys: a dtype of another kind than the model's tensor (integer or complex weights, float counters),
+    NaN/Inf, negative BatchNorm ``running_var``. ``expected``: the model's state_dict (meta tensors do)."""
+    kinds = {k: (_kind(expected[k]), _kind(v)) for k, v in got.items() if k in expected}
+    wrong = [f"{k} ({str(got[k].dtype).removeprefix('torch.')}, model has {want})" for k, (want, have) in kinds.items()
+             if want != have]
+    if wrong:
+        raise CheckpointError(f"checkpoint has tensors of the wrong kind in {len(wrong)} places: {preview(wrong, 4)}; "
+                              "a trained network stores floating-point weights and integer counters")
+    bad = [f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()})" for k, v in got.items()
            if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"checkpoint has NaN/Inf weights in {len(bad)} tensors: {preview(bad, 4)}")
-    model.load_state_dict(mapped, strict=True)
-    model.arch, model.config = fmt.name, dict(config)
-    model.input_size = tuple(fmt.input_size(config))
-    return model.float().eval()
+    negative = [f"{k} ({int((v < 0).sum())} of {v.numel()})" for k, v in got.items()
+                if k.endswith("running_var") and v.is_floating_point() and bool((v < 0).any())]
+    if negative:
+        raise CheckpointError(f"checkpoint has negative BatchNorm variances in {len(negative)} tensors: "
+                              f"{preview(negative, 4)}; a variance is never below 0")
+
+
+def _kind(t: Tensor) -> str:
+    if t.is_complex():
+        return "complex"
+    if t.is_floating_point():
+        return "float"
+    return "bool" if t.dtype == torch.bool else "integer"
 
 
 def _config_source(ckpt: Checkpoint, config: dict | None) -> str:

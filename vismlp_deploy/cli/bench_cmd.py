@@ -29,7 +29,7 @@ from .common import (
     status,
     styled,
 )
-from .model_args import add_model_arguments, load_model, model_specs
+from .model_args import add_model_arguments, check_batch_memory, load_model, model_specs
 
 DEFAULTS = {"batch_sizes": (1, 8, 32), "repeats": 10, "max_time": 10.0, "warmup": 2}
 BATCHES = bounded_int(1, 65536)
@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
             check_output(path, args.force)
     with status("loading"):
         sources = [load_model(args, spec) for spec in model_specs(args)]
+        for source in sources:
+            check_batch_memory(args, source, max(settings["batch_sizes"]))
     with progress_bar(args.json) as progress:
         result = run_sweep(sources, SweepConfig(seed=args.seed, **settings), len(sources), step_callback(progress))
     write_outputs(result, args.csv, args.png, args.force)

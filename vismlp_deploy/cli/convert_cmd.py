@@ -28,7 +28,7 @@ from ..verification.inputs import random_images
 from ..verification.proof import prove_stage
 from .common import bounded_int, check_output, console, live, print_json, print_table, say, styled
 from .inspect_cmd import print_report
-from .model_args import add_model_arguments, load_model, model_specs
+from .model_args import add_model_arguments, check_batch_memory, load_model, model_specs
 
 SUFFIX = {"pt": ".deploy.pt", "onnx": ".onnx", "trt": ".engine"}
 TARGET_PRECISIONS = {"pt": ("fp32",), "onnx": ("fp32", "int8"), "trt": ("fp32", "tf32", "fp16", "bf16", "int8")}
@@ -201,6 +201,7 @@ def _convert(args: argparse.Namespace, plan: dict, profile, doc: dict, quiet: bo
             raise UserError(f"{source.name} is already an ONNX model: convert it --to trt, or --to onnx --precision int8")
         if source.kind == "deploy artifact" and args.to == "pt":
             raise UserError(f"{source.name} is already a deploy artifact (.deploy.pt); convert it --to onnx or --to trt")
+        check_batch_memory(args, source, max(args.proof_batch, args.static_batch or 2))
         deploy = stage("re-parameterizing", "reparameterize_s", lambda: source.deploy)
         model = source.train or deploy
         if model is not None:

@@ -47,4 +47,17 @@ def model_specs(args: argparse.Namespace) -> list[str]:
 def load_model(args: argparse.Namespace, spec: str | Path) -> Source:
     """``spec`` resolved with the reading options of ``args``."""
     return load_source(spec, arch=args.arch, config=parse_json_arg(args.config, "--config"), ema=args.ema,
-                       trust_pickle=args.trust_pickle, seed=args.seed, input_size=args.input_size)
+                       trust_pickle=args.trust_pickle, seed=args.seed, input_size=args.input_size,
+                       max_memory=args.max_memory)
+
+
+def check_batch_memory(args: argparse.Namespace, source: Source, batch: int) -> None:
+    """UserError (with the estimate) if ``source``'s model at ``batch`` would not fit ``--max-memory``."""
+    from ..models.footprint import check_footprint
+    from ..models.registry import get_format
+
+    model = source.train if source.train is not None else source._deploy
+    if model is None or not getattr(model, "arch", None) or batch <= 1:
+        return  # batch 1 was checked when the model was loaded; an ONNX file's inputs were checked too
+    check_footprint(get_format(model.arch), model.config, tuple(source.input_size), batch=batch,
+                    max_bytes=args.max_memory)

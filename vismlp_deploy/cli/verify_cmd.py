@@ -24,7 +24,7 @@ from .common import (
     styled,
 )
 from .convert_cmd import add_calibration_arguments
-from .model_args import add_model_arguments, load_model
+from .model_args import add_model_arguments, check_batch_memory, load_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             check_output(path, args.force)
     with status("loading and re-parameterizing"):
         source = load_model(args, args.model)
+        check_batch_memory(args, source, args.proof_batch)
         against = load_model(args, args.against) if args.against else None
         calibration = _calibration(args, source)
     with status("running and comparing"):

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..errors import UserError, VerificationError, VisMLPWarning
+from ..errors import UserError, VerificationError, VisMLPWarning, first_line
 
 DEFAULT_OPSET = 20
 OPSETS = (17, 18, 19, 20)
@@ -210,8 +210,25 @@ def _set_metadata(proto: onnx.ModelProto, meta: dict) -> None:
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
-    """The ``vismlp_deploy.*`` metadata of an exported model (values JSON-decoded)."""
-    proto = onnx.load(str(path), load_external_data=False)
+    """The ``vismlp_deploy.*`` metadata of an exported model (values JSON-decoded); UserError if unreadable."""
+    return metadata_of(load_proto(path))
+
+
+def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model of an ``.onnx`` file, without its external data; UserError (one line) if the file is not one."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and kin: whatever the bytes are, not a model
+        raise UserError(f"{path}: not a readable ONNX model, truncated or corrupt ({type(e).__name__}: {first_line(e)})") from None
+    if not proto.ir_version or not proto.graph.node or not proto.graph.output:
+        raise UserError(f"{path}: not an ONNX model (it decodes, but holds no graph)")
+    return proto
+
+
+def metadata_of(proto: onnx.ModelProto) -> dict:
+    """The ``vismlp_deploy.*`` entries of ``proto.metadata_props`` (values JSON-decoded where they are JSON)."""
     out = {}
     for p in proto.metadata_props:
         if p.key.startswith(META_PREFIX):

@@ -15,7 +15,9 @@ from torch import nn
 
 from .. import __version__
 from ..checkpoint.io import META_KEY, read_checkpoint
-from ..errors import CheckpointError
+from ..checkpoint.load import check_values
+from ..errors import CheckpointError, UserError
+from ..models.footprint import check_footprint
 from ..models.init import randomize_
 from ..models.registry import get_format
 from ..reparam import reparameterize
@@ -32,19 +34,33 @@ def save_model(model: nn.Module, path: Path, form: str, extra: dict | None = Non
     torch.save(artifact_dict(model, form, extra), path)
 
 
-def load_deploy(path: str | Path) -> nn.Module:
-    """The deploy model saved by ``vismlp-deploy convert --to pt``."""
+def load_deploy(path: str | Path, max_memory: int | None = None) -> nn.Module:
+    """The deploy model saved by ``vismlp-deploy convert --to pt``.
+
+    Metadata and weights are checked before the train-time skeleton is built: ``arch``, ``config`` and
+    ``input_size`` present, the skeleton within ``max_memory`` bytes (None: half the available memory),
+    the weights of the kind and values the deploy model takes (``check_values``).
+    """
     ckpt = read_checkpoint(path)
     meta = ckpt.meta or {}
     if meta.get("form") != "deploy":
         raise CheckpointError(f"{path} is not a deploy model written by vismlp-deploy (form={meta.get('form')!r})")
+    missing = [k for k in ("arch", "config", "input_size") if meta.get(k) is None]
+    if missing:
+        raise CheckpointError(f"{path}: the deploy model's metadata lacks {', '.join(missing)}; re-run `vismlp-deploy convert`")
     fmt = get_format(meta["arch"])
+    input_size = tuple(meta["input_size"])
+    try:
+        check_footprint(fmt, meta["config"], input_size, max_bytes=max_memory)
+    except UserError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     skeleton = randomize_(fmt.build(dict(meta["config"])), seed=0).eval()
-    skeleton.input_size = tuple(meta["input_size"])
+    skeleton.input_size = input_size
     deploy = reparameterize(skeleton, count=False)
+    check_values(deploy.state_dict(), ckpt.state_dict)
     try:
         deploy.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"{path}: deploy weights do not fit the rebuilt deploy structure ({str(e).splitlines()[0]})") from None
-    deploy.arch, deploy.config, deploy.input_size = meta["arch"], meta["config"], tuple(meta["input_size"])
+    deploy.arch, deploy.config, deploy.input_size = meta["arch"], meta["config"], input_size
     return deploy.eval()

@@ -6,7 +6,7 @@ imported here, so dropping a new family file in is enough to register it.
 import importlib
 import pkgutil
 
-_SHARED = {"registry", "layers", "init"}
+_SHARED = {"registry", "layers", "init", "footprint", "cost"}
 
 for _info in pkgutil.iter_modules(__path__):
     if _info.name not in _SHARED and not _info.name.startswith("_"):

@@ -14,6 +14,7 @@ from typing import Callable, Mapping
 from torch import Tensor, nn
 
 from ..errors import UserError
+from .footprint import check_footprint
 
 StateDict = Mapping[str, Tensor]
 
@@ -132,19 +133,20 @@ def _lookup(registry: dict, name: str, unknown: str):
     return registry[name]
 
 
-def create_model(name: str, *, input_size: int | tuple[int, int] | None = None, **overrides) -> nn.Module:
+def create_model(name: str, *, input_size: int | tuple[int, int] | None = None, max_memory: int | None = None,
+                 **overrides) -> nn.Module:
     """A named config of the zoo, train-time form, eval mode, freshly initialised.
 
     ``overrides`` replace constructor arguments, e.g. ``create_model("resmlp_12", num_classes=10)``;
     ``input_size`` (H, W) or an int builds it for another input size where the network allows it.
+    A config the family rejects, or whose weights plus a batch-1 forward exceed ``max_memory`` bytes
+    (None: half the available memory), raises UserError before anything is allocated.
     """
     nc = get_config(name)
     fmt = get_format(nc.format)
     cfg, size = at_input_size(fmt, {**nc.config, **overrides}, input_size)
-    try:
-        model = fmt.build(cfg)
-    except (TypeError, ValueError, KeyError, AssertionError, ZeroDivisionError) as e:
-        raise UserError(f"cannot build {name} with {overrides or 'its config'}: {type(e).__name__}: {e}") from None
+    check_footprint(fmt, cfg, size, max_bytes=max_memory)
+    model = fmt.build(cfg)
     model.arch, model.config, model.input_size = fmt.name, cfg, size
     return model.eval()
 

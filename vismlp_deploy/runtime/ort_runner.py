@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import UserError
+from ..errors import UserError, first_line
 from .base import Runner
 
 # provider short name -> ONNX Runtime execution providers, in priority order (CPU last as the
@@ -27,6 +27,13 @@ def available_providers() -> list[str]:
 
     have = set(ort.get_available_providers())
     return [k for k, v in PROVIDERS.items() if v[0] in have]
+
+
+def _ort_errors() -> tuple[type[Exception], ...]:
+    """onnxruntime's own exception types (Fail, InvalidArgument, InvalidGraph, …; they derive from Exception)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception))
 
 
 class OrtRunner(Runner):
@@ -54,7 +61,10 @@ class OrtRunner(Runner):
             opts.intra_op_num_threads = threads
         if not spin:
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
+        except _ort_errors() as e:  # a model onnxruntime cannot load (an op it lacks, a bad graph)
+            raise UserError(f"{path}: ONNX Runtime cannot load it ({first_line(e)})") from None
         (inp,), (out, *_) = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.output_name = inp.name, out.name
         self.precision, self._np_dtype = _ORT_DTYPES.get(inp.type, ("fp32", np.float32))
@@ -69,15 +79,22 @@ class OrtRunner(Runner):
     def run_native(self, batch: np.ndarray) -> np.ndarray:
         b = self.static_batch
         if b is None or batch.shape[0] == b:
-            return self.session.run([self.output_name], {self.input_name: batch})[0]
+            return self._run(batch)
         outs = []
         for i in range(0, batch.shape[0], b):
             chunk = batch[i:i + b]
             n = chunk.shape[0]
             if n < b:  # pad the last chunk to the static batch, then drop the padding
                 chunk = np.concatenate([chunk, np.zeros((b - n, *chunk.shape[1:]), chunk.dtype)])
-            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:n])
+            outs.append(self._run(chunk)[:n])
         return np.concatenate(outs)
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        try:
+            return self.session.run([self.output_name], {self.input_name: batch})[0]
+        except _ort_errors() as e:  # the model cannot run this input
+            raise UserError(f"ONNX Runtime cannot run {self.name} on a {'x'.join(map(str, batch.shape))} input "
+                            f"({first_line(e)})") from None
 
     def run(self, batch: Tensor) -> Tensor:
         return torch.from_numpy(np.asarray(self.run_native(self.prepare(batch)), dtype=np.float32))

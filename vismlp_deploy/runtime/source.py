@@ -52,28 +52,31 @@ class Source:
 
 
 def load_source(spec: str | Path, *, arch: str | None = None, config: dict | None = None, ema: bool = False,
-                trust_pickle: bool = False, seed: int = 0, input_size: int | tuple[int, int] | None = None) -> Source:
+                trust_pickle: bool = False, seed: int = 0, input_size: int | tuple[int, int] | None = None,
+                max_memory: int | None = None) -> Source:
     """Resolve ``spec``: an existing file (checkpoint / deploy .pt / .onnx) or a named config.
 
     A named config is built with ``randomize_(model, seed)`` weights (realistic statistics,
     so that the deploy form does real work and every fold is exercised); ``config`` then
     overrides its constructor arguments. ``input_size`` (H, W) runs the model at another
     size where the network allows it.
+    max_memory: bytes the model (weights + batch-1 activations) may need; None: half the available memory.
+    Anything that cannot be read, built or run raises UserError (an .onnx file is checked before any session).
     """
     path = Path(spec)
     if path.is_file():
         if path.suffix == ".onnx":
-            source = _from_onnx(path)
+            source = _from_onnx(path, max_memory)
             if input_size is not None and _hw(input_size) != source.input_size[1:]:
                 raise UserError(f"{path.name} was exported for {source.input_size[1]}x{source.input_size[2]} inputs; "
                                 "export it again at the size you need")
             return source
-        return _from_file(path, arch, config, ema, trust_pickle, input_size)
+        return _from_file(path, arch, config, ema, trust_pickle, input_size, max_memory)
     if path.exists():
         raise UserError(f"{spec}: not a file")
     if path.suffix or "/" in str(spec):
         raise UserError(f"{spec}: no such file")
-    return from_named_config(str(spec), seed, input_size=input_size, overrides=config)
+    return from_named_config(str(spec), seed, input_size=input_size, overrides=config, max_memory=max_memory)
 
 
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -81,11 +84,12 @@ def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def from_named_config(name: str, seed: int = 0, *, input_size: int | tuple[int, int] | None = None,
-                      overrides: dict | None = None) -> Source:
+                      overrides: dict | None = None, max_memory: int | None = None) -> Source:
     from ..models.init import randomize_
     from ..models.registry import create_model
 
-    train = randomize_(create_model(name, input_size=input_size, **(overrides or {})), seed=seed).eval()
+    train = randomize_(create_model(name, input_size=input_size, max_memory=max_memory, **(overrides or {})),
+                       seed=seed).eval()
     return from_train(train, name, kind="named config")
 
 
@@ -94,32 +98,26 @@ def from_train(train: nn.Module, name: str, kind: str = "checkpoint") -> Source:
     return Source(name, tuple(train.input_size), kind, train=train, info=getattr(train, "checkpoint_info", None))
 
 
-def _from_file(path: Path, arch, config, ema, trust_pickle, input_size) -> Source:
+def _from_file(path: Path, arch, config, ema, trust_pickle, input_size, max_memory) -> Source:
     from ..checkpoint.io import read_checkpoint
     from ..checkpoint.load import load_checkpoint
 
-    meta = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle).meta or {}
+    ckpt = read_checkpoint(path, ema=ema, trust_pickle=trust_pickle)  # read once: load_checkpoint takes it as it is
+    meta = ckpt.meta or {}
     if meta.get("form") == "deploy":
         from ..export.torch_artifact import load_deploy
 
-        deploy = load_deploy(path)
+        deploy = load_deploy(path, max_memory)
         if input_size is not None and _hw(input_size) != tuple(deploy.input_size[1:]):
             raise UserError(f"{path.name} is a deploy model for {deploy.input_size[1]}x{deploy.input_size[2]} inputs; "
                             "convert the checkpoint again at the size you need")
         return Source(path.name, tuple(deploy.input_size), "deploy artifact", meta=meta, _deploy=deploy)
-    train = load_checkpoint(path, arch=arch, config=config, ema=ema, trust_pickle=trust_pickle, input_size=input_size)
+    train = load_checkpoint(ckpt, arch=arch, config=config, input_size=input_size, max_memory=max_memory)
     return from_train(train, path.name)
 
 
-def _from_onnx(path: Path) -> Source:
+def _from_onnx(path: Path, max_memory: int | None) -> Source:
     from ..export.onnx import read_metadata
+    from .onnx_input import check_onnx_input
 
-    size = read_metadata(path).get("input_size")
-    if not size or len(size) != 3:
-        import onnx
-
-        dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim[1:]
-        size = [d.dim_value for d in dims]
-        if len(size) != 3 or not all(size):
-            raise UserError(f"{path}: cannot tell the input size (no vismlp_deploy metadata, no static C, H, W)")
-    return Source(path.name, tuple(int(s) for s in size), "onnx", onnx_path=path, meta=read_metadata(path))
+    return Source(path.name, check_onnx_input(path, max_memory), "onnx", onnx_path=path, meta=read_metadata(path))
