@@ -160,7 +160,7 @@ CHECKPOINTS: dict[str, tuple[str, Callable[[Path], None], Callable[[Path], objec
     # AS-MLP weights fit any image size: only a forward finds that 0x0 cannot work
     "meta-config-cannot-run": ("ckpt.pth", lambda p: _train_file(p, _tiny("asmlp_t", **TINY_ASMLP), _meta_edit(
         config={**create_model("asmlp_t", **TINY_ASMLP).config, "img_size": 0})), load_checkpoint,
-        r"'img_size': 0.*cannot run on an input of shape 1x3x0x0"),
+        r"input size 3x0x0; every dimension must be >= 1"),
     "deploy-without-config": ("m.deploy.pt", lambda p: _deploy_file(p, lambda pl: pl[META_KEY].pop("config")),
                               load_deploy, r"lacks config"),
     "deploy-config-string": ("m.deploy.pt", lambda p: _deploy_file(p, lambda pl: pl[META_KEY].update(config="x")),
@@ -246,7 +246,7 @@ def test_valid_controls_still_load(workdir: Path) -> None:
 @pytest.mark.parametrize("name, overrides, match", [
     ("resmlp_12", {"bogus": 1}, r"unexpected timm-resmlp arguments \['bogus'\]"),
     ("resmlp_12", {"embed_dim": "abc"}, r"cannot build timm-resmlp"),
-    ("resmlp_12", {"img_size": 0}, r"img_size"),
+    ("resmlp_12", {"img_size": 0}, r"input size 3x0x0"),
     ("resmlp_12", {"num_blocks": -1}, r"negative sizes or counts: num_blocks=-1"),
 ])
 def test_bad_overrides_are_refused(name: str, overrides: dict, match: str, workdir: Path) -> None:
