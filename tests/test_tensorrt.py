@@ -23,6 +23,7 @@ from vismlp_deploy.export import tensorrt as trt_export
 from vismlp_deploy.export.fp16_audit import FP16_MAX, audit_fp16
 from vismlp_deploy.export.onnx import export_onnx
 from vismlp_deploy.models.asmlp import GroupNorm1
+from vismlp_deploy.runtime.ort_runner import OrtRunner
 from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.precision import PRECISIONS
 
@@ -193,12 +194,20 @@ def test_fp16_audit_catches_a_folded_bn_overflow(tmp_path):
     assert any(f.op_type == "LayerNormalization" for f in audit.findings)
 
 
+class DecomposedGroupNorm(nn.Module):
+    """GroupNorm(1, C) written out as reductions, as a user's model (or an older exporter) has it."""
+
+    def forward(self, x):
+        xc = x - x.mean(dim=(1, 2, 3), keepdim=True)
+        return xc * torch.rsqrt((xc * xc).mean(dim=(1, 2, 3), keepdim=True) + 1e-5)
+
+
 class ConvGN(nn.Module):
-    """(N, 3, 8, 8) -> (N, 4): three convs around a decomposed GroupNorm(1, C) (AS-MLP's export form)."""
+    """(N, 3, 8, 8) -> (N, 4): three convs around a decomposed GroupNorm(1, C)."""
 
     def __init__(self):
         super().__init__()
-        self.c1, self.gn = nn.Conv2d(3, 8, 3, padding=1), GroupNorm1(1e-5)
+        self.c1, self.gn = nn.Conv2d(3, 8, 3, padding=1), DecomposedGroupNorm()
         self.c2, self.c3 = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 4, 1)
         self.input_size = (3, 8, 8)
 
@@ -247,6 +256,20 @@ def test_fp16_audit_keeps_the_decomposed_groupnorm_variance_fp32(tmp_path):
     assert "square overflows FP16" in reasons[chain[0][0]] and "square overflows FP16" in reasons[chain[2][0]]
     normalize = [n.name for n in model.graph.node if n.op_type == "Mul" and n.input[0] != n.input[1]]
     assert normalize and not set(normalize) & set(audit.keep_fp32_nodes)  # x * rsqrt(var) stays half
+
+
+def test_asmlp_groupnorm_exports_as_one_instance_norm_kept_fp32(tmp_path):
+    """AS-MLP's GroupNorm(1, C): InstanceNormalization of the (N, 1, CHW) view, exact, and a norm the audit pins."""
+    gn = GroupNorm1(1e-5).eval()
+    gn.input_size = (8, 6, 6)
+    path = export_onnx(gn, tmp_path / "gn1.onnx")
+    model = onnx.load(str(path))
+    assert [n.op_type for n in model.graph.node].count("InstanceNormalization") == 1
+    assert not {"ReduceMean", "GroupNormalization"} & {n.op_type for n in model.graph.node}
+    x = torch.randn(3, 8, 6, 6) * 40 + 7
+    assert rel_err(OrtRunner(path).run(x), torch.nn.functional.group_norm(x.double(), 1, eps=1e-5)) <= 1e-5
+    norm = next(n.name for n in model.graph.node if n.op_type == "InstanceNormalization")
+    assert norm in audit_fp16(model).keep_fp32_nodes
 
 
 def _variance_model(square: str) -> onnx.ModelProto:
