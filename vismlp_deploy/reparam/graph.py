@@ -30,7 +30,8 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import UserError, VerificationError
 from .graph_affine import AffineOp, affine_of
-from .graph_rules import GraphCtx, fold_after, fold_before, merge_parallel
+from .graph_edit import GraphCtx
+from .graph_rules import fold_after, fold_before, merge_parallel
 from .graph_trace import RootNotTraceable, annotate, capture_inputs, placeholder_values, trace_with_leaves
 from .report import Left, ReparamReport
 
