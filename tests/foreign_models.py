@@ -17,7 +17,8 @@ Namespaces (nested classes keep the upstream class names apart):
 - :class:`Lucidrains`: einops ``MLPMixer`` (``Rearrange`` patches, ``Conv1d`` token mixing,
   ``Reduce`` mean) and ``ResMLP`` (``x * g + b`` affines, ``PreAffinePostLayerScale``).
 
-:func:`affine_census` counts what a deploy model still computes per channel.
+:func:`randomize_foreign_` randomizes them (also the affines ``randomize_`` does not know by
+name); :func:`affine_census` counts what a deploy model still computes per channel.
 """
 from __future__ import annotations
 
@@ -27,6 +28,8 @@ from functools import partial
 import torch
 from einops.layers.torch import Rearrange, Reduce
 from torch import nn
+
+from vismlp_deploy.models.init import randomize_
 
 
 def _pair(v):
@@ -417,6 +420,28 @@ def lucidrains_mixer(image_size=32, patch_size=8, dim=24, depth=2, num_classes=1
 def lucidrains_resmlp(image_size=32, patch_size=8, dim=24, depth=2, num_classes=10) -> nn.Module:
     return Lucidrains.ResMLP(dim=dim, depth=depth, num_classes=num_classes, patch_size=patch_size,
                              image_size=image_size)
+
+
+# ------------------------------------------------------------------------------- init
+@torch.no_grad()
+def randomize_foreign_(model: nn.Module, seed: int = 0, signs: bool = False) -> nn.Module:
+    """:func:`randomize_` plus every free parameter outside Linear/Conv/norm modules (lucidrains'
+    ``g``, ``b``, ``scale``) drawn from U(0.5, 1.5), so that no affine stays an identity.
+    ``signs``: BatchNorm/Affine scales get random signs too (negative gammas)."""
+    randomize_(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    for mod in model.modules():
+        if isinstance(mod, _MIXERS + _NORMS + (nn.modules.batchnorm._BatchNorm,)):
+            continue
+        for p in mod.parameters(recurse=False):
+            p.copy_(torch.rand(p.shape, generator=g, dtype=torch.float64) + 0.5)
+    if signs:
+        for mod in model.modules():
+            w = getattr(mod, "weight", None) if isinstance(mod, nn.modules.batchnorm._BatchNorm) else \
+                getattr(mod, "alpha", None)
+            if w is not None:
+                w.mul_(torch.randint(0, 2, w.shape, generator=g).to(w.dtype) * 2 - 1)
+    return model
 
 
 # ------------------------------------------------------------------------------- census

@@ -54,7 +54,10 @@ class AffineOp:
 
     def not_per_channel(self) -> str | None:
         """Why this is not a per-channel affine (None: it is, or a scalar one)."""
-        return f"its constants vary along axes {self.axes}, not along one channel axis" if len(self.axes) > 1 else None
+        if len(self.axes) <= 1:
+            return None
+        return (f"its constants vary along axes {self.axes} (a bias table): no Linear/Conv bias holds a table, "
+                "and a scale that differs per channel cannot enter a linear shared by all channels")
 
     def vector(self, const: Tensor | None) -> Tensor | None:
         """A constant of a per-channel affine as a 1-D vector (length 1 for a scalar)."""
@@ -159,10 +162,11 @@ def _addcmul(node: fx.Node, args: list, kw: dict, prefix: str) -> AffineOp | str
     data, c, carg = (t2, c1, t1) if c2 is None else (t1, c2, t2)
     if not isinstance(data, fx.Node):
         return None
-    path = _join(_attr_path(carg, prefix)) or node.name
+    paths = _attr_path(carg, prefix)
+    path = _join(paths) or node.name
     cin = _const(inp, node)
     if cin is not None:  # beta + alpha * x: a full affine of x
-        return _build(node, data, c * v, cin, "addcmul", _join([path, *_attr_path(inp, prefix)]))
+        return _build(node, data, c * v, cin, "addcmul", _join([*paths, *_attr_path(inp, prefix)]))
     if not isinstance(inp, fx.Node) or inp.meta.get("shape") != node.meta["shape"]:
         return None
     op = _build(node, data, c * v, None, "addcmul", path)
@@ -183,7 +187,11 @@ def _build(node, data, scale, shift, kind, path) -> AffineOp | str:
         if isinstance(c, str):
             return c
         consts.append(c)
-    return AffineOp(node, data, consts[0], consts[1], kind, path)
+    op = AffineOp(node, data, consts[0], consts[1], kind, path)
+    if any("origin" in a.meta for a in node.all_input_nodes):  # emitted by a rule: say what it is
+        op.kind = "+".join(n for n, c in (("scale", op.scale), ("shift", op.shift)) if c is not None)
+        op.kind = ("per-channel " if len(op.axes) <= 1 else "bias-table ") + op.kind
+    return op
 
 
 def _norm_affine(node: fx.Node, mod: nn.Module, prefix: str) -> AffineOp | str | None:

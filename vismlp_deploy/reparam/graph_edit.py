@@ -72,9 +72,26 @@ class GraphCtx:
         return node
 
 
-def single_user(node: fx.Node) -> str | None:
-    n = len(value_users(node))
-    return None if n == 1 else f"{node.name} is used {n} times (e.g. a residual), not only by the fold"
+class Inapplicable(str):
+    """A rule's reason that only says its pattern does not start here (left out of the report
+    when another rule gives a reason that does)."""
+
+
+def describe(ctx: GraphCtx, node: fx.Node) -> str:
+    """``node`` for a reader: the module path and type, or the function name."""
+    if node.op == "call_module":
+        return f"{ctx.prefix}{node.target} ({type(ctx.gm.get_submodule(node.target)).__name__})"
+    if node.op == "output":
+        return "the output"
+    return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
+
+
+def single_user(node: fx.Node, ctx: GraphCtx | None = None) -> str | None:
+    users = value_users(node)
+    if len(users) == 1:
+        return None
+    names = f" ({', '.join(describe(ctx, u) for u in users)})" if ctx is not None else ""
+    return f"its result is used {len(users)} times{names}, not only by the fold"
 
 
 def only_user(node: fx.Node) -> fx.Node:

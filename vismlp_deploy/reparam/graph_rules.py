@@ -27,7 +27,8 @@ from ..errors import NotExactError
 from . import transforms as T
 from .graph_affine import AffineOp
 from .graph_axes import CONV, NOT_THROUGH, is_plain_add, mixer_axis, through, varying_axes
-from .graph_edit import GraphCtx, carry, emit_affine, only_user, replace, set_weights, single_user
+from .graph_edit import GraphCtx, Inapplicable, carry, describe, emit_affine, only_user, replace, set_weights, single_user
+from .graph_axes import value_users
 
 
 def padding_of(conv: nn.Module) -> list[int]:
@@ -65,12 +66,12 @@ def chain_back(ctx: GraphCtx, data: fx.Node) -> tuple[fx.Node, list[fx.Node]] | 
             return f"its input {cur.name} is not produced by a Linear/Conv"
         src = cur.args[0]
         if not isinstance(src, fx.Node) or through(cur, src, None, ctx.gm) is NOT_THROUGH:
-            return f"its input comes from {cur.name}, not from a Linear/Conv"
+            return f"its input comes from {describe(ctx, cur)}, not from a Linear/Conv"
         chain.insert(0, cur)
         cur = src
     for n in [cur, *chain]:
-        if reason := single_user(n):
-            return reason
+        if reason := single_user(n, ctx):
+            return f"the output of {describe(ctx, n)}: {reason}"
     if reason := ctx.private(cur):
         return reason
     return cur, chain
@@ -98,7 +99,7 @@ def scale_rows(ctx: GraphCtx, mixer: fx.Node, scale: Tensor | None, shift: Tenso
 def fold_after(ctx: GraphCtx, op: AffineOp) -> str | None:
     """Linear/ConvNd → [pass-through]* → ``op``: scale and shift its output features."""
     if op.data is None or op.strip is not None:
-        return "not an elementwise affine"
+        return Inapplicable("not an elementwise affine")
     if reason := op.not_per_channel():
         return reason
     found = chain_back(ctx, op.data)
@@ -147,14 +148,15 @@ def fold_before(ctx: GraphCtx, op: AffineOp) -> str | None:
     """``op`` → [pass-through]* → Linear/ConvNd: scale its input features, shift into its bias."""
     if op.residual is not None:
         return "a layer-scaled residual is not an affine of one tensor"
-    if reason := op.not_per_channel() or single_user(op.node) or removable(ctx, op):
+    if reason := op.not_per_channel() or removable(ctx, op):
         return reason
+    if reason := single_user(op.node, ctx):
+        return reason + _blocked_shift(ctx, op)
     got = carry(ctx, op.node, only_user(op.node), [op.scale, op.shift])
     if isinstance(got, str):
         return got
     if ctx.mixer(got.end) is None:
-        return f"it feeds {got.end.name} ({got.end.op} {getattr(got.end.target, '__name__', got.end.target)}), " \
-               "not a Linear/Conv"
+        return f"it feeds {describe(ctx, got.end)}, not a Linear/Conv"
     commit = plan_into_mixer(ctx, got.last, got.end, *got.consts)
     if isinstance(commit, str):
         return commit
@@ -162,6 +164,18 @@ def fold_before(ctx: GraphCtx, op: AffineOp) -> str | None:
     remove(ctx, op)
     ctx.folded.append((op.path, f"{op.kind}->{type(ctx.mixer(got.end)).__name__}"))
     return None
+
+
+def _blocked_shift(ctx: GraphCtx, op: AffineOp) -> str:
+    """For an affine with several users: which Linear/Conv among them could not take it, and why."""
+    notes = []
+    for user in value_users(op.node):
+        got = carry(ctx, op.node, user, [op.scale, op.shift])
+        if not isinstance(got, str) and ctx.mixer(got.end) is not None:
+            why = plan_into_mixer(ctx, got.last, got.end, *got.consts)
+            if isinstance(why, str):
+                notes.append(f"; into {describe(ctx, got.end)}: {why}")
+    return "".join(notes)
 
 
 _SAME = ("stride", "dilation", "groups", "padding_mode", "in_channels", "out_channels")
