@@ -18,7 +18,8 @@ Namespaces (nested classes keep the upstream class names apart):
   ``Reduce`` mean) and ``ResMLP`` (``x * g + b`` affines, ``PreAffinePostLayerScale``).
 
 :func:`randomize_foreign_` randomizes them (also the affines ``randomize_`` does not know by
-name); :func:`affine_census` counts what a deploy model still computes per channel.
+name); :func:`fold_checked` folds one and checks it on fresh inputs; :func:`affine_census`
+counts what a deploy model still computes per channel.
 """
 from __future__ import annotations
 
@@ -29,7 +30,10 @@ import torch
 from einops.layers.torch import Rearrange, Reduce
 from torch import nn
 
+from helpers import assert_close
 from vismlp_deploy.models.init import randomize_
+from vismlp_deploy.reparam.graph import fold_graph
+from vismlp_deploy.reparam.report import ReparamReport
 
 
 def _pair(v):
@@ -442,6 +446,18 @@ def randomize_foreign_(model: nn.Module, seed: int = 0, signs: bool = False) -> 
             if w is not None:
                 w.mul_(torch.randint(0, 2, w.shape, generator=g).to(w.dtype) * 2 - 1)
     return model
+
+
+def fold_checked(model: nn.Module, x: torch.Tensor, seed: int = 1, signs: bool = False
+                 ) -> tuple[nn.Module, ReparamReport]:
+    """Randomize ``model``, fold it (``fold_graph`` checks fp32 and fp64 itself) and check the
+    result again on other inputs of the same size."""
+    randomize_foreign_(model, seed, signs).eval()
+    out, rep = fold_graph(model, x)
+    with torch.no_grad():
+        for v in (x, x * 3 + 1):
+            assert_close(out(v), model(v))
+    return out, rep
 
 
 # ------------------------------------------------------------------------------- census

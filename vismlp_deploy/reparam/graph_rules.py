@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ..errors import NotExactError
 from . import transforms as T
 from .graph_affine import AffineOp
-from .graph_axes import CONV, NOT_THROUGH, is_plain_add, mixer_axis, through, varying_axes
+from .graph_axes import CONV, NOT_THROUGH, is_plain_add, mixer_axis, move_const, through, varying_axes
 from .graph_edit import GraphCtx, Inapplicable, carry, describe, emit_affine, only_user, replace, set_weights, single_user
 from .graph_axes import value_users
 
@@ -156,6 +156,8 @@ def fold_before(ctx: GraphCtx, op: AffineOp) -> str | None:
     if isinstance(got, str):
         return got
     if ctx.mixer(got.end) is None:
+        if move_const(got.end, got.last, None, ctx.gm) is not NOT_THROUGH:  # passes a scalar, not this affine
+            return f"{describe(ctx, got.end)} reduces or mixes the axis it acts on"
         return f"it feeds {describe(ctx, got.end)}, not a Linear/Conv"
     commit = plan_into_mixer(ctx, got.last, got.end, *got.consts)
     if isinstance(commit, str):
