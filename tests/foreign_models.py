@@ -278,7 +278,7 @@ class Deit:
         def forward(self, x):
             return self.proj(x).flatten(2).transpose(1, 2)
 
-    class layers_scale_mlp_blocks(nn.Module):  # noqa: N801 (upstream name)
+    class layers_scale_mlp_blocks(nn.Module):
         def __init__(self, dim, num_patches, init_values=1e-4):
             super().__init__()
             self.norm1 = Deit.Affine(dim)
@@ -293,7 +293,7 @@ class Deit:
             x = x + self.drop_path(self.gamma_1 * self.attn(self.norm1(x).transpose(1, 2)).transpose(1, 2))
             return x + self.drop_path(self.gamma_2 * self.mlp(self.norm2(x)))
 
-    class resmlp_models(nn.Module):  # noqa: N801 (upstream name)
+    class resmlp_models(nn.Module):
         def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=768, depth=12):
             super().__init__()
             self.patch_embed = Deit.PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -331,7 +331,7 @@ class Locuslab:
             return self.fn(x) + x
 
     @staticmethod
-    def ConvMixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, activation=nn.GELU):  # noqa: N802
+    def ConvMixer(dim, depth, kernel_size=9, patch_size=7, n_classes=1000, activation=nn.GELU):
         return nn.Sequential(
             nn.Conv2d(3, dim, kernel_size=patch_size, stride=patch_size), activation(), nn.BatchNorm2d(dim),
             *[nn.Sequential(
@@ -358,12 +358,12 @@ class Lucidrains:
             return self.fn(self.norm(x)) + x
 
     @staticmethod
-    def FeedForward(dim, expansion_factor=4, dropout=0.0, dense=nn.Linear):  # noqa: N802
+    def FeedForward(dim, expansion_factor=4, dropout=0.0, dense=nn.Linear):
         inner = int(dim * expansion_factor)
         return nn.Sequential(dense(dim, inner), nn.GELU(), nn.Dropout(dropout), dense(inner, dim), nn.Dropout(dropout))
 
     @staticmethod
-    def MLPMixer(*, image_size, channels, patch_size, dim, depth, num_classes, expansion_factor=4,  # noqa: N802
+    def MLPMixer(*, image_size, channels, patch_size, dim, depth, num_classes, expansion_factor=4,
                  expansion_factor_token=0.5, dropout=0.0):
         num_patches = (image_size // patch_size) ** 2
         chan_first, chan_last = partial(nn.Conv1d, kernel_size=1), nn.Linear
@@ -400,9 +400,11 @@ class Lucidrains:
             return self.fn(self.affine(x)) * self.scale + x
 
     @staticmethod
-    def ResMLP(*, dim, depth, num_classes, expansion_factor=4, patch_size=16, image_size=224):  # noqa: N802
+    def ResMLP(*, dim, depth, num_classes, expansion_factor=4, patch_size=16, image_size=224):
         num_patches = (image_size // patch_size) ** 2
-        wrap = lambda i, fn: Lucidrains.PreAffinePostLayerScale(dim, i + 1, fn)  # noqa: E731
+
+        def wrap(i, fn):
+            return Lucidrains.PreAffinePostLayerScale(dim, i + 1, fn)
         return nn.Sequential(
             Rearrange("b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=patch_size, p2=patch_size),
             nn.Linear(patch_size ** 2 * 3, dim),

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from foreign_models import affine_census, fold_checked
@@ -96,7 +97,7 @@ def test_zero_branch_scale_is_not_factored_out():
     bn1 = model[3][0].fn[2]
     with torch.no_grad():
         bn1.weight[1] = 0.0  # s1 = 0 in one channel: p + 0*d + t cannot be written s1 * (p/s1 + d) + t
-    out, rep = fold_graph(model, torch.randn(2, 3, 8, 8))
+    _, rep = fold_graph(model, torch.randn(2, 3, 8, 8))
     assert not any("(out of the residual sum)" in k for k in _kinds(rep))
     assert "exactly 0" in _left(rep)["3.0.fn.2"]
 

@@ -13,7 +13,6 @@ Both remove ``A`` (a norm module loses its affine) and rewrite ``B`` as one emit
 """
 from __future__ import annotations
 
-import torch.fx as fx
 from torch import Tensor, nn
 
 from ..errors import NotExactError
@@ -22,7 +21,7 @@ from .graph_affine import AffineOp, affine_of
 from .graph_axes import CONV, mixer_axis
 from .graph_edit import (Carried, GraphCtx, Inapplicable, carry, describe, emit_affine, only_user, replace,
                          single_user, trivial)
-from .graph_rules import remove, removable
+from .graph_rules import removable, remove
 
 
 def _start(ctx: GraphCtx, op: AffineOp) -> Carried | str:

@@ -17,7 +17,7 @@ The rules that move affines past token mixing and residual sums live in
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
@@ -26,9 +26,9 @@ from torch import Tensor, nn
 from ..errors import NotExactError
 from . import transforms as T
 from .graph_affine import AffineOp
-from .graph_axes import CONV, NOT_THROUGH, is_plain_add, mixer_axis, move_const, through, varying_axes
-from .graph_edit import GraphCtx, Inapplicable, carry, describe, emit_affine, only_user, replace, set_weights, single_user
-from .graph_axes import value_users
+from .graph_axes import CONV, NOT_THROUGH, is_plain_add, mixer_axis, move_const, through, value_users, varying_axes
+from .graph_edit import (GraphCtx, Inapplicable, carry, describe, emit_affine, only_user, replace, set_weights,
+                         single_user)
 
 
 def padding_of(conv: nn.Module) -> list[int]:
