@@ -106,8 +106,8 @@ def _join(paths: list[str]) -> str:
 
 
 def affine_of(node: fx.Node, gm: fx.GraphModule, prefix: str) -> AffineOp | str | None:
-    """The per-channel affine ``node`` computes; a reason string if it is an affine-like op
-    that is not per-channel along one axis; None if it is not a candidate at all."""
+    """The affine ``node`` computes (per channel, scalar or with bias tables); a reason string
+    if it is an affine-like op that cannot be written so; None if it is not a candidate at all."""
     if "shape" not in node.meta or node.meta.get("const") is not None:
         return None
     if node.op == "call_module":

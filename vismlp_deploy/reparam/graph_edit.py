@@ -35,8 +35,9 @@ class GraphCtx:
         counts = Counter(id(p) for _, p in self.gm.named_parameters(remove_duplicate=False))
         self.tied = {i for i, n in counts.items() if n > 1}
 
-    def mixer(self, node: fx.Node | None) -> nn.Module | None:
-        if node is None or node.op != "call_module":
+    def mixer(self, node: fx.Node) -> nn.Module | None:
+        """The Linear/ConvNd ``node`` calls, if it calls one."""
+        if node.op != "call_module":
             return None
         mod = self.gm.get_submodule(node.target)
         return mod if isinstance(mod, MIXERS) else None
