@@ -247,3 +247,109 @@ def test_bn_scale_shift_refuses_non_finite_statistics():
 def test_pad_kernel_refuses_uncentrable():
     with pytest.raises(NotExactError):
         T.pad_kernel(torch.ones(1, 1, 2, 2), 3)
+
+
+# ------------------------------------------------ identities of the generic graph pass
+def _const(shape, g, dtype, lo=None):
+    """A random broadcast constant; ``lo``: uniform in [lo, lo + 1) instead of normal."""
+    t = torch.randn(shape, generator=g, dtype=torch.float64) if lo is None else \
+        torch.rand(shape, generator=g, dtype=torch.float64) + lo
+    return t.to(dtype)
+
+
+def _bshape(full, keep):
+    """``full`` with 1 on every axis not in ``keep`` (a broadcast constant's shape)."""
+    return tuple(n if i in keep else 1 for i, n in enumerate(full))
+
+
+axes_subsets = st.sets(st.integers(0, 2), max_size=3)
+
+
+@given(shape=st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)), ks1=axes_subsets, kt1=axes_subsets,
+       ks2=axes_subsets, kt2=axes_subsets, present=st.tuples(*[st.booleans()] * 4), seed=st.integers(0, 2**16),
+       dtype=DTYPES)
+def test_compose_affines(shape, ks1, kt1, ks2, kt2, present, seed, dtype):
+    """Any broadcast shapes (per channel, bias tables, scalars), any part absent."""
+    g = _gen(seed)
+    x = _const(shape, g, dtype)
+    s1, t1, s2, t2 = (_const(_bshape(shape, k), g, dtype) if p else None
+                      for k, p in zip((ks1, kt1, ks2, kt2), present))
+    apply = (lambda s, t, v: (v if s is None else s * v) + (0 if t is None else t))
+    s, t = T.compose_affines(s1, t1, s2, t2)
+    assert (s is None) == (s1 is None and s2 is None) and (t is None) == (t1 is None and t2 is None)
+    assert_close(apply(s, t, x.double()).to(dtype), apply(s2, t2, apply(s1, t1, x)))
+
+
+@given(b=st.integers(1, 3), c=st.integers(1, 6), n_in=st.integers(1, 6), n_out=st.integers(1, 6),
+       axis=st.sampled_from([1, 2]), bias=st.booleans(), shift_varies=st.booleans(), scale=st.booleans(),
+       shift=st.booleans(), seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_affine_through_linear_on_another_axis(b, c, n_in, n_out, axis, bias, shift_varies, scale, shift, seed, dtype):
+    """``W (s ⊙ x + t) + b = s ⊙ (W x) + table``: the linear mixes ``axis``, s acts on the other one
+    (ResMLP: s per channel, W over tokens); t may be per channel or vary along the mixed axis too."""
+    g = _gen(seed)
+    other = 3 - axis
+    full = [b, 0, 0]
+    full[axis], full[other] = n_in, c
+    x = _const(tuple(full), g, dtype)
+    w = _const((n_out, n_in), g, dtype)
+    bvec = _const((n_out,), g, dtype) if bias else None
+    s = _const(_bshape(full, {other}), g, dtype, lo=0.5) if scale else None
+    t = _const(_bshape(full, {other, axis} if shift_varies else {other}), g, dtype) if shift else None
+
+    def linear(v):  # along ``axis``
+        return F.linear(v.movedim(axis, -1), w.to(v.dtype), None if bvec is None else bvec.to(v.dtype)).movedim(-1, axis)
+    ref = linear((x if s is None else s * x) + (0 if t is None else t))
+    s2, table = T.affine_through_linear(w, bvec, s, t, axis, 3)
+    mixed = F.linear(x.movedim(axis, -1), w).movedim(-1, axis)
+    got = (mixed if s2 is None else s2.to(dtype) * mixed) + table.to(dtype)
+    assert table.dtype == torch.float64 and table.shape[axis] == n_out
+    assert_close(got, ref)
+
+
+def test_affine_through_linear_refuses_a_scale_along_the_mixed_axis():
+    w = torch.randn(4, 4, dtype=torch.float64)
+    with pytest.raises(NotExactError, match="varies along the axis the linear mixes"):
+        T.affine_through_linear(w, None, torch.rand(1, 3, 4) + 0.5, None, 2, 3)
+
+
+@given(groups=st.integers(1, 3), cpg=st.integers(1, 3), opg=st.integers(1, 3), nd=st.sampled_from([1, 2]),
+       seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_pointwise_conv_as_linear(groups, cpg, opg, nd, seed, dtype):
+    g = _gen(seed)
+    w = _const((opg * groups, cpg, *[1] * nd), g, dtype)
+    x = _const((2, cpg * groups, *[3] * nd), g, dtype)
+    conv = F.conv1d if nd == 1 else F.conv2d
+    dense = T.pointwise_conv_as_linear(w, groups)
+    got = torch.einsum("oc,nc...->no...", dense, x.double())
+    assert_close(got.to(dtype), conv(x, w, groups=groups))
+    with pytest.raises(NotExactError, match="pointwise"):
+        T.pointwise_conv_as_linear(_const((2, 2, *[3] * nd), g, dtype))
+
+
+@given(c=st.integers(1, 8), signs=st.booleans(), seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_residual_skip_scale_factors_the_branch_affine_out(c, signs, seed, dtype):
+    """``p + s ⊙ d + t = s ⊙ (k ⊙ p + d) + t`` with k = 1/s (any sign), refused for s = 0."""
+    g = _gen(seed)
+    p, d = _const((3, c, 4), g, dtype), _const((3, c, 4), g, dtype)
+    s = _const((1, c, 1), g, dtype, lo=0.5)
+    if signs:
+        s = s * (torch.randint(0, 2, s.shape, generator=g) * 2 - 1).to(dtype)
+    t = _const((1, c, 1), g, dtype)
+    k = T.residual_skip_scale(s)
+    assert_close((s.double() * (k * p.double() + d.double()) + t.double()).to(dtype), p + s * d + t)
+    with pytest.raises(NotExactError, match="exactly 0"):
+        T.residual_skip_scale(torch.cat([s.reshape(-1), torch.zeros(1, dtype=dtype)]))
+
+
+@given(c=st.integers(1, 8), slope=st.sampled_from([0.0, 0.01, 0.2]), seed=st.integers(0, 2**16), dtype=DTYPES)
+def test_positive_part_crosses_relu(c, slope, seed, dtype):
+    """``s · act(y) = σ · act(p · y)`` for (leaky) ReLU, with scales of any sign and exact zeros."""
+    g = _gen(seed)
+    s = _const((c,), g, dtype) * 2
+    s[0] = 0.0
+    y = _const((5, c), g, dtype)
+    p, sign = T.positive_part(s)
+    assert bool((p > 0).all()) and set(sign.unique().tolist()) <= {-1.0, 0.0, 1.0}
+    assert_close((p * sign).to(dtype), s)
+    act = (lambda v: F.leaky_relu(v, slope))
+    assert_close((sign * act(p * y.double())).to(dtype), s * act(y))

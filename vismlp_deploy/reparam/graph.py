@@ -7,8 +7,14 @@ trace become opaque leaves and are folded inside separately), then applies the r
 - Conv/Linear → BatchNorm, and BatchNorm → Conv/Linear (no zero padding meets the shift);
 - per-channel affine ops written with parameters (``alpha * x + beta``, ``addcmul``,
   layer-scale ``ls * x``) into the adjacent Linear/Conv on the axis it mixes, also through
-  views, permutes, einops rearranges, means and average pools over the other axes;
+  views, permutes, indexing, einops rearranges, means, einops mean reductions and average
+  pools over the other axes (an affine before the token mean / global pool enters the head);
 - LayerNorm / GroupNorm affines into the following Linear / Conv;
+- two consecutive affines merged; an affine pushed through a linear that mixes another axis
+  (ResMLP's token linear) into the layer-scale after it (:mod:`graph_commute`);
+- a BatchNorm after a ReLU: its positive scale into the conv before the ReLU; a branch's
+  affine out of a residual sum into the next conv, and the skip-path multiply this needs
+  into the stream's affine (:mod:`graph_residual`, ConvMixer's conv → act → BN order);
 - identical parallel Linear/Conv branches on the same input that are summed.
 
 Every fold checks data-flow adjacency, single use of every removed intermediate, that the
@@ -30,12 +36,26 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import UserError, VerificationError
 from .graph_affine import AffineOp, affine_of
-from .graph_rules import GraphCtx, fold_after, fold_before, merge_parallel
+from .graph_commute import merge_next, push_through_mixer
+from .graph_edit import GraphCtx, Inapplicable
+from .graph_residual import absorb_skip_scale, factor_out_of_sum, scale_into_relu
+from .graph_rules import fold_after, fold_before, merge_parallel
 from .graph_trace import RootNotTraceable, annotate, capture_inputs, placeholder_values, trace_with_leaves
 from .report import Left, ReparamReport
 
 FP64_RTOL = 1e-10
 _FP64_MAX_PARAMS = 50_000_000  # above this the float64 copy costs more than it is worth
+
+# tried in this order on every affine node; the first that applies rewrites the graph
+_RULES = (
+    ("after a Linear/Conv", fold_after),
+    ("before a Linear/Conv", fold_before),
+    ("through a ReLU", scale_into_relu),
+    ("merged with the next affine", merge_next),
+    ("out of a residual sum", factor_out_of_sum),
+    ("through token mixing", push_through_mixer),
+    ("as the skip-path multiply", absorb_skip_scale),
+)
 
 
 def fold_graph(
@@ -132,13 +152,22 @@ def _fold_to_fixed_point(ctx: GraphCtx) -> dict[fx.Node, str]:
             if isinstance(op, str):
                 reasons[node] = op
             elif op is not None:
-                after = fold_after(ctx, op)
-                before = fold_before(ctx, op) if after else None
-                if after is None or before is None:
-                    changed = True
+                why = {}
+                for name, rule in _RULES:
+                    why[name] = rule(ctx, op)
+                    if why[name] is None:
+                        changed = True
+                        break
                 else:
-                    reasons[node] = f"after a Linear/Conv: {after}; before a Linear/Conv: {before}"
+                    reasons[node] = _summary(why)
     return reasons
+
+
+def _summary(why: dict[str, str]) -> str:
+    """One line from every rule's refusal: the informative ones, each text once."""
+    real = {r: name for name, r in reversed(why.items()) if not isinstance(r, Inapplicable)}
+    kept = real or {r: name for name, r in reversed(why.items())}
+    return "; ".join(f"{name}: {r}" for r, name in reversed(kept.items()))
 
 
 def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:

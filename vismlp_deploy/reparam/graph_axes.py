@@ -7,9 +7,12 @@ helpers answer that from the shapes recorded by :func:`graph_trace.annotate`:
 - a linear reads/writes the last axis; a ConvNd reads/writes axis ``rank - N - 1``;
 - BatchNorm and GroupNorm act on axis 1, LayerNorm((C,)) on the last axis;
 - a per-channel constant is one whose broadcast shape is 1 everywhere but one axis;
-- "pass-through" ops (views, permutes, means and average pools over other axes, einops
-  rearranges, Identity/Dropout in eval) commute with a per-channel affine and carry its
-  axis to a new position; anything else stops the search.
+- "pass-through" ops (views, flattens, permutes, basic indexing, means and average pools
+  over other axes, einops rearranges and mean reductions, Identity/Dropout in eval) commute
+  with a per-channel affine and carry its axis to a new position; anything else stops the
+  search. A constant that varies along several axes (a bias table) moves axis by axis
+  (:func:`move_const`);
+- reads of a tensor's shape (``x.shape``, ``x.size()``) are not uses of its values.
 
 An axis of ``None`` means a scalar affine: it commutes with every op listed here.
 """
@@ -38,19 +41,76 @@ def mixer_axis(mod: nn.Module, rank: int) -> int:
     return rank - len(mod.kernel_size) - 1
 
 
-def per_channel(value: Tensor, shape: tuple[int, ...]) -> tuple[Axis, Tensor] | str:
-    """Split a broadcast constant into (axis, vector); a reason string if it is not per-channel."""
+def broadcast_const(value: Tensor, shape: tuple[int, ...]) -> Tensor | str:
+    """``value`` as a float64 tensor of rank ``len(shape)`` (1 on the axes it is constant
+    along) that broadcasts to ``shape``; a reason string if it would change the shape."""
     if value.dim() > len(shape):
         return f"constant of rank {value.dim()} broadcasts the tensor of rank {len(shape)} up"
     padded = (1,) * (len(shape) - value.dim()) + tuple(value.shape)
     if any(p not in (1, s) for p, s in zip(padded, shape)):
         return f"constant of shape {tuple(value.shape)} changes the shape {shape}"
-    axes = [i for i, p in enumerate(padded) if p != 1]
+    return value.detach().to(torch.float64).reshape(padded)
+
+
+def varying_axes(const: Tensor) -> list[int]:
+    """The axes a broadcast constant varies along (size > 1)."""
+    return [i for i, n in enumerate(const.shape) if n != 1]
+
+
+def along(vec: Tensor, axis: Axis, rank: int) -> Tensor:
+    """A per-channel vector (or scalar, axis None) as a broadcast constant of ``rank``."""
+    shape = [1] * rank
+    if axis is not None:
+        shape[axis] = -1
+    return vec.reshape(shape)
+
+
+def move_const(node: fx.Node, src: fx.Node, const: Tensor | None, gm: fx.GraphModule) -> Tensor | None | object:
+    """The broadcast constant ``const`` (in ``src``'s frame) in the frame of ``node``'s output,
+    if ``node`` commutes with adding/multiplying it; :data:`NOT_THROUGH` otherwise.
+
+    Each varying axis moves on its own (:func:`through`); they must land on distinct axes.
+    ``None`` (no constant) passes every op :func:`through` passes for a scalar.
+    """
+    out_shape = node.meta.get("shape")
+    axes = [] if const is None else varying_axes(const)
     if not axes:
-        return None, value.reshape(())
-    if len(axes) > 1:
-        return f"constant varies along axes {axes}, not along one channel axis"
-    return axes[0], value.reshape(-1)
+        if out_shape is None or through(node, src, None, gm) is NOT_THROUGH:
+            return NOT_THROUGH
+        return None if const is None else const.reshape((1,) * len(out_shape))
+    new = [through(node, src, a, gm) for a in axes]
+    if any(j is NOT_THROUGH for j in new) or len(set(new)) != len(new):
+        return NOT_THROUGH
+    sizes = [const.shape[a] for a in axes]
+    if any(out_shape[j] != n for j, n in zip(new, sizes)):
+        return NOT_THROUGH
+    order = sorted(range(len(axes)), key=lambda i: new[i])  # the varying axes in their new order
+    shape = [1] * len(out_shape)
+    for j, n in zip(new, sizes):
+        shape[j] = n
+    return const.reshape(sizes).permute(order).reshape(shape)
+
+
+_SIZE_ATTRS = {"shape"}
+_SIZE_METHODS = {"size", "dim", "numel"}
+_SIZE_ARITH = {operator.getitem, operator.mul, operator.add, operator.sub, operator.floordiv, operator.mod,
+               operator.neg}
+
+
+def is_size_expr(node: fx.Node) -> bool:
+    """``node`` computes from tensor shapes only (``x.shape[0]``, ``x.size(1) * 2``), never from values."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _SIZE_ATTRS
+    if node.op == "call_method" and node.target in _SIZE_METHODS:
+        return True
+    if node.op == "call_function" and node.target in _SIZE_ARITH:
+        return all(is_size_expr(a) for a in node.all_input_nodes) and "shape" not in node.meta
+    return False
+
+
+def value_users(node: fx.Node) -> list[fx.Node]:
+    """The users of ``node`` that read its values (shape reads do not: folds keep every shape)."""
+    return [u for u in node.users if not is_size_expr(u)]
 
 
 def _norm_dims(dims, rank: int) -> list[int]:
@@ -81,10 +141,10 @@ def through(node: fx.Node, src: fx.Node, axis: Axis, gm: fx.GraphModule) -> Axis
     ``src`` must be the op's only data input (first argument, used once); returns
     :data:`NOT_THROUGH` otherwise.
     """
-    if not node.args or node.args[0] is not src or sum(a is src for a in node.all_input_nodes) != 1:
+    if not node.args or node.args[0] is not src:
         return NOT_THROUGH
-    if list(node.all_input_nodes) != [src]:
-        return NOT_THROUGH
+    if any(a is not src and not is_size_expr(a) for a in node.all_input_nodes):
+        return NOT_THROUGH  # another tensor enters the op
     in_shape, out_shape = src.meta.get("shape"), node.meta.get("shape")
     if in_shape is None or out_shape is None:
         return NOT_THROUGH
@@ -102,8 +162,12 @@ def through(node: fx.Node, src: fx.Node, axis: Axis, gm: fx.GraphModule) -> Axis
             pads = [mod.padding] if isinstance(mod.padding, int) else list(mod.padding)
             plain = all(p == 0 for p in pads) and not mod.ceil_mode and getattr(mod, "divisor_override", None) is None
             return axis if plain and (axis is None or axis < rank - nsp) else NOT_THROUGH
-        if type(mod).__module__.startswith("einops.") and type(mod).__name__ == "Rearrange":
-            return axis if axis is None else _einops_axis(mod.pattern, axis, mod.axes_lengths)
+        if isinstance(mod, (nn.Flatten, nn.Unflatten)):
+            return None if axis is None else _reshape_axis(in_shape, out_shape, axis)
+        if type(mod).__module__.startswith("einops."):
+            name = type(mod).__name__
+            if name == "Rearrange" or (name == "Reduce" and mod.reduction == "mean"):
+                return _einops_axis(mod.pattern, axis, mod.axes_lengths)
         return NOT_THROUGH
     if axis is None and _is_shape_op(node):
         return None
@@ -129,7 +193,26 @@ def through(node: fx.Node, src: fx.Node, axis: Axis, gm: fx.GraphModule) -> Axis
         return axis if axis < rank - 2 else NOT_THROUGH
     if op == "call_function" and tgt is einops.rearrange and isinstance(node.args[1], str):
         return _einops_axis(node.args[1], axis, node.kwargs)
+    if op == "call_function" and tgt is einops.reduce and len(node.args) >= 3 and node.args[2] == "mean":
+        return _einops_axis(node.args[1], axis, node.kwargs)  # a mean over the names that disappear
+    if op == "call_function" and tgt is operator.getitem:
+        return _index_axis(node.args[1], in_shape, axis)
     return NOT_THROUGH
+
+
+def _index_axis(index, shape: tuple[int, ...], axis: Axis) -> Axis | object:
+    """Basic indexing by ints and slices: axes indexed by an int disappear; the channel axis
+    itself must be taken whole (a per-channel constant then indexes along with the data)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if len(index) > len(shape) or not all(isinstance(i, (int, slice)) and not isinstance(i, bool) for i in index):
+        return NOT_THROUGH  # None, Ellipsis, tensors, lists: not followed
+    if axis is None:
+        return None
+    if axis < len(index):
+        i = index[axis]
+        if isinstance(i, int) or range(shape[axis])[i] != range(shape[axis]):
+            return NOT_THROUGH
+    return axis - sum(isinstance(i, int) for i in index[:axis])
 
 
 def _is_shape_op(node: fx.Node) -> bool:
@@ -150,15 +233,18 @@ def _groups(side: str) -> list[list[str]]:
     return [(g.split() if g is not None else [s]) for g, s in ((m.group(1), m.group(2)) for m in _TOKEN.finditer(side))]
 
 
-def _einops_axis(pattern: str, axis: int, lengths: dict) -> Axis | object:
-    """Follow one input axis through an einops rearrange pattern (no ellipsis).
+def _einops_axis(pattern: str, axis: Axis, lengths: dict) -> Axis | object:
+    """Follow one input axis through an einops rearrange/reduce pattern (no ellipsis).
 
     The axis must be a single name on the left; on the right it may sit in a group only
-    with names of length 1 (then the group's index is the new axis).
+    with names of length 1 (then the group's index is the new axis). A name missing on the
+    right is reduced over: the channel axis must not be. ``axis`` None: any valid pattern.
     """
     if "..." in pattern or "->" not in pattern:
         return NOT_THROUGH
     left, right = (_groups(s) for s in pattern.split("->"))
+    if axis is None:
+        return None
     if axis >= len(left) or len(left[axis]) != 1:
         return NOT_THROUGH
     name = left[axis][0]

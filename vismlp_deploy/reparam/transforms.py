@@ -304,3 +304,79 @@ def merge_1x1_kxk(
         b1_per_out = _f64(b1).reshape(groups, 1, mpg, 1, 1)
         b = b + (c.reshape(groups, opg, mpg, *c.shape[-2:]) * b1_per_out).sum((2, 3, 4)).reshape(out)
     return w.to(w2.dtype), b.to(w2.dtype)
+
+
+# ------------------------------------------- affines moved through the graph (generic pass)
+def compose_affines(
+    s1: Tensor | None, t1: Tensor | None, s2: Tensor | None, t2: Tensor | None
+) -> tuple[Tensor | None, Tensor | None]:
+    """``s2 * (s1 * x + t1) + t2`` -> ``s * x + t`` with ``s = s2·s1``, ``t = s2·t1 + t2`` (float64).
+
+    Broadcast constants of any shape; None means 1 (scale) or 0 (shift) and stays None when
+    both parts are absent.
+    """
+    s1, t1, s2, t2 = (_f64(c) for c in (s1, t1, s2, t2))
+    s = s1 if s2 is None else s2 if s1 is None else s2 * s1
+    t = None if t1 is None else t1 if s2 is None else s2 * t1
+    t = t2 if t is None else t if t2 is None else t + t2
+    return s, t
+
+
+def affine_through_linear(
+    weight: Tensor, bias: Tensor | None, scale: Tensor | None, shift: Tensor | None, axis: int, rank: int
+) -> tuple[Tensor | None, Tensor]:
+    """A linear map along ``axis`` applied to ``s ⊙ x + t`` -> ``s ⊙ (W x) + table``.
+
+    ``W`` mixes positions along ``axis`` (e.g. ResMLP's token linear) and ``s`` is constant
+    along ``axis`` (it acts on another one, e.g. the channels), so ``W (s ⊙ x) = s ⊙ (W x)``;
+    the shift becomes ``table = W t + b``: a constant ``t`` along ``axis`` is summed by each row
+    of W (``t · W 1``), and one that varies along it is mixed like the data. weight (O, C),
+    bias (O,) or None; scale/shift broadcast constants of rank ``rank`` (None: 1 / 0) ->
+    (scale, table) in float64, the table with O entries along ``axis``.
+    """
+    if scale is not None and scale.shape[axis] != 1:
+        raise NotExactError("the scale varies along the axis the linear mixes: it does not commute with it")
+    t = torch.zeros([1] * rank, dtype=_F64, device=weight.device) if shift is None else _f64(shift)
+    t = t.movedim(axis, -1)
+    t = t.expand(*t.shape[:-1], weight.shape[1])
+    table = F.linear(t, _f64(weight), _f64(bias)).movedim(-1, axis)
+    return _f64(scale), table
+
+
+def pointwise_conv_as_linear(weight: Tensor, groups: int = 1) -> Tensor:
+    """A 1x1 (kernel 1 on every spatial axis) grouped conv as the dense (O, C) matrix it applies
+    to the channels of each position: block-diagonal over the groups. weight (O, C/g, 1, ...)."""
+    out, cpg = weight.shape[:2]
+    if any(k != 1 for k in weight.shape[2:]):
+        raise NotExactError("not a pointwise (kernel 1) conv")
+    if out % groups:
+        raise NotExactError(f"out channels {out} not divisible by groups {groups}")
+    opg = out // groups
+    dense = torch.zeros(out, cpg * groups, dtype=_F64, device=weight.device)
+    w = _f64(weight).reshape(out, cpg)
+    for j in range(groups):
+        dense[j * opg:(j + 1) * opg, j * cpg:(j + 1) * cpg] = w[j * opg:(j + 1) * opg]
+    return dense
+
+
+def residual_skip_scale(scale: Tensor) -> Tensor:
+    """``p + s ⊙ d + t = s ⊙ (p ⊙ k + d) + t`` with ``k = 1/s``: the per-channel multiply the skip
+    path needs when a branch's affine is factored out of a residual sum (float64).
+
+    Refused when some ``s`` is exactly 0 (the factorization divides by it).
+    """
+    s = _f64(scale)
+    if bool((s == 0).any()):
+        raise NotExactError("the branch's scale is exactly 0 in some channel: factoring it out divides by 0")
+    return 1.0 / s
+
+
+def positive_part(scale: Tensor) -> tuple[Tensor, Tensor]:
+    """``s = p · σ`` with ``p = |s|`` (1 where s = 0) and ``σ = s / p`` ∈ {-1, 0, 1} (float64).
+
+    ``p > 0`` crosses a positively homogeneous activation: ``p · relu(y) = relu(p · y)``
+    (also leaky ReLU), so ``s · relu(W x + b) = σ · relu(p W x + p b)``.
+    """
+    s = _f64(scale)
+    p = torch.where(s != 0, s.abs(), torch.ones_like(s))
+    return p, s / p

@@ -77,6 +77,38 @@ def _report_remaining_norms(deploy: nn.Module, report: ReparamReport) -> None:
             report.left.append(Left(path, type(mod).__name__, reason))
 
 
+
+_CFG_ATTRS = ("pretrained_cfg", "default_cfg")  # timm models carry their input size there
+
+
+def default_input_size(model: nn.Module) -> tuple[int, ...] | None:
+    """The input size (without batch, e.g. (C, H, W)) a random example input gets when none is given.
+
+    ``model.input_size`` (set by this package's loaders), else the ``input_size`` entry of a timm
+    model's ``pretrained_cfg`` / ``default_cfg`` (a dict, or an object with ``.get`` or an
+    ``input_size`` attribute such as timm's ``PretrainedCfg`` dataclass); None if there is none.
+    Raises :class:`UserError` if the value found is not a tuple of positive sizes.
+    """
+    size, source = getattr(model, "input_size", None), "model.input_size"
+    for attr in _CFG_ATTRS:
+        if size is not None:
+            break
+        cfg = getattr(model, attr, None)
+        if cfg is not None:
+            size = cfg.get("input_size") if hasattr(cfg, "get") else getattr(cfg, "input_size", None)
+            source = f"model.{attr} input_size"
+    if size is None:
+        return None
+    try:
+        dims = tuple(int(v) for v in size)
+        ok = bool(dims) and all(d > 0 and d == v for d, v in zip(dims, size))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"{source} = {size!r} is not a tuple of positive sizes such as (3, 224, 224)")
+    return dims
+
+
 def reparameterize(
     model: nn.Module,
     example_input: torch.Tensor | None = None,
@@ -89,14 +121,15 @@ def reparameterize(
     through the generic torch.fx pass (:func:`graph.fold_graph`), which verifies its result
     numerically and raises ``VerificationError`` rather than return a wrong model.
     ``example_input`` (N, C, H, W) is used for FLOP counting and by the graph pass; by
-    default one random image of the model's ``input_size`` attribute when it has one. The model must be in eval mode:
+    default one random image of :func:`default_input_size` (``model.input_size``, or timm's
+    ``pretrained_cfg``/``default_cfg`` ``input_size``) when the model has one. The model must be in eval mode:
     folding batch statistics of a training-mode model is meaningless.
     """
     if model.training:
         raise UserError("model is in training mode; call model.eval() before reparameterize()")
     report = ReparamReport()
-    size = getattr(model, "input_size", None)
-    if example_input is None and size is not None:
+    size = default_input_size(model) if example_input is None else None
+    if size is not None:
         p = next(model.parameters())
         # random, not zeros: the graph pass checks its result on this input
         g = torch.Generator(device=p.device).manual_seed(0)
@@ -108,7 +141,8 @@ def reparameterize(
     if not ours:
         # A model this package did not define: the generic, verified torch.fx pass.
         if example_input is None:
-            report.left.append(Left("", type(model).__name__, "the graph pass needs example_input or model.input_size"))
+            report.left.append(Left("", type(model).__name__, "the graph pass needs example_input, model.input_size "
+                                    "or a timm pretrained_cfg/default_cfg with input_size"))
         else:
             from .graph import fold_graph
 
