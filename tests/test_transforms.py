@@ -204,8 +204,10 @@ def test_merge_parallel_kernels_with_identity(ks, groups, cpg, opg, identity, se
         b = torch.randn(out, generator=g, dtype=torch.float64).to(dtype)
         branches.append((ker, b, k // 2))
         ref = ref + F.conv2d(x, ker, b, padding=k // 2, groups=groups)
-    if identity:
-        branches.append((T.identity_kernel(cin, groups, 1, dtype), None, 0))
+    if identity:  # RepVGG's identity branch: a 1x1 kernel with a one at each channel's own input
+        eye = torch.zeros(cin, cin // groups, 1, 1, dtype=dtype)
+        eye[torch.arange(cin), torch.arange(cin) % (cin // groups), 0, 0] = 1
+        branches.append((eye, None, 0))
         ref = ref + x
     w, b, pad = T.merge_parallel_kernels(branches)
     assert_close(F.conv2d(x, w, b, padding=pad, groups=groups), ref)
@@ -215,26 +217,6 @@ def test_merge_parallel_kernels_refuses_misaligned_branch():
     w = torch.randn(2, 2, 3, 3)
     with pytest.raises(NotExactError, match="centre aligned"):
         T.merge_parallel_kernels([(w, None, 0), (w, None, 1)])
-
-
-@given(groups=st.integers(1, 3), cpg=st.integers(1, 3), mpg=st.integers(1, 3), opg=st.integers(1, 3),
-       k=st.sampled_from([1, 3, 5]), stride=st.integers(1, 2), seed=st.integers(0, 2**16), dtype=DTYPES)
-def test_merge_1x1_kxk(groups, cpg, mpg, opg, k, stride, seed, dtype):
-    g = _gen(seed)
-    w1 = torch.randn(mpg * groups, cpg, 1, 1, generator=g, dtype=torch.float64).to(dtype)
-    b1 = torch.randn(mpg * groups, generator=g, dtype=torch.float64).to(dtype)
-    w2 = torch.randn(opg * groups, mpg, k, k, generator=g, dtype=torch.float64).to(dtype)
-    b2 = torch.randn(opg * groups, generator=g, dtype=torch.float64).to(dtype)
-    x = torch.randn(2, cpg * groups, 7, 6, generator=g, dtype=torch.float64).to(dtype)
-    ref = F.conv2d(F.conv2d(x, w1, b1, groups=groups), w2, b2, stride=stride, groups=groups)
-    w, b = T.merge_1x1_kxk(w1, b1, w2, b2, groups=groups, padding2=0)
-    assert_close(F.conv2d(x, w, b, stride=stride, groups=groups), ref)
-    if k > 1:  # a non-zero 1x1 bias meets the kxk conv's zero padding
-        with pytest.raises(NotExactError, match="zero padding"):
-            T.merge_1x1_kxk(w1, b1, w2, b2, groups=groups, padding2=k // 2)
-        w, b = T.merge_1x1_kxk(w1, None, w2, b2, groups=groups, padding2=k // 2)
-        ref = F.conv2d(F.conv2d(x, w1, None, groups=groups), w2, b2, padding=k // 2, groups=groups)
-        assert_close(F.conv2d(x, w, b, padding=k // 2, groups=groups), ref)
 
 
 def test_bn_scale_shift_refuses_non_finite_statistics():

@@ -256,57 +256,6 @@ def merge_parallel_kernels(
     return total_w.to(ref.dtype), total_b.to(ref.dtype), kmax // 2
 
 
-def identity_kernel(channels: int, groups: int, k: int = 1, dtype=torch.float32) -> Tensor:
-    """The kernel of a conv that returns its input (RepVGG identity branch): (C, C/g, k, k)."""
-    if channels % groups:
-        raise NotExactError(f"channels {channels} not divisible by groups {groups}")
-    cpg = channels // groups
-    ker = torch.zeros(channels, cpg, k, k, dtype=dtype)
-    idx = torch.arange(channels)
-    ker[idx, idx % cpg, k // 2, k // 2] = 1
-    return ker
-
-
-def merge_1x1_kxk(
-    w1: Tensor,
-    b1: Tensor | None,
-    w2: Tensor,
-    b2: Tensor | None,
-    groups: int = 1,
-    padding2: int | tuple[int, int] = 0,
-) -> tuple[Tensor, Tensor]:
-    """A 1x1 conv followed by a kxk conv (same groups) -> one kxk conv.
-
-    ``W = W2 ∘ W1`` per group (a 1x1 conv mixes channels only, so it commutes into the
-    kxk taps); ``b = b2 + Σ W2 · b1``. With zero padding on the kxk conv the border taps
-    read 0 instead of ``b1``: exact only when b1 is zero there, else refused.
-    w1 (M, C/g, 1, 1), w2 (O, M/g, k, k) -> (O, C/g, k, k), (O,).
-    """
-    if w1.shape[-2:] != (1, 1):
-        raise NotExactError("first conv of a 1x1->kxk merge must be 1x1")
-    pads = (padding2, padding2) if isinstance(padding2, int) else tuple(padding2)
-    mid = w1.shape[0]
-    out, mpg = w2.shape[0], w2.shape[1]
-    if mid != mpg * groups:
-        raise NotExactError(f"channel mismatch: 1x1 gives {mid}, kxk expects {mpg * groups}")
-    if b1 is not None and any(p != 0 for p in pads) and bool((b1 != 0).any()):
-        raise NotExactError("bias of the 1x1 conv meets the zero padding of the kxk conv")
-    a, c = _f64(w1)[..., 0, 0], _f64(w2)
-    opg = out // groups
-    merged = []
-    for j in range(groups):
-        a_j = a[j * mpg:(j + 1) * mpg]  # (M/g, C/g)
-        c_j = c[j * opg:(j + 1) * opg]  # (O/g, M/g, k, k)
-        merged.append(torch.einsum("omhw,mc->ochw", c_j, a_j))
-    w = torch.cat(merged, 0)
-    b = _bias_or_zeros(b2, out, w2)
-    if b1 is not None:
-        b1_per_out = _f64(b1).reshape(groups, 1, mpg, 1, 1)
-        b = b + (c.reshape(groups, opg, mpg, *c.shape[-2:]) * b1_per_out).sum((2, 3, 4)).reshape(out)
-    return w.to(w2.dtype), b.to(w2.dtype)
-
-
-# ------------------------------------------- affines moved through the graph (generic pass)
 def compose_affines(
     s1: Tensor | None, t1: Tensor | None, s2: Tensor | None, t2: Tensor | None
 ) -> tuple[Tensor | None, Tensor | None]:
