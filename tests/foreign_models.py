@@ -28,9 +28,9 @@ from functools import partial
 
 import torch
 from einops.layers.torch import Rearrange, Reduce
+from helpers import assert_close
 from torch import nn
 
-from helpers import assert_close
 from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.reparam.graph import fold_graph
 from vismlp_deploy.reparam.report import ReparamReport

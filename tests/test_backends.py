@@ -9,8 +9,8 @@ import json
 
 import pytest
 import torch
-
 from tiny_model import tiny, tiny_checkpoint
+
 from vismlp_deploy.benchmark.run import bench
 from vismlp_deploy.cli import build_parser, main
 from vismlp_deploy.runtime import backends as B

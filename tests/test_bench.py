@@ -8,9 +8,9 @@ import csv
 import json
 
 import pytest
-
 from helpers import load_script
 from tiny_model import tiny, tiny_checkpoint
+
 from vismlp_deploy.benchmark.peak import ort_gemm_peak
 from vismlp_deploy.benchmark.report import CSV_FIELDS, write_csv, write_markdown, write_png
 from vismlp_deploy.benchmark.run import bench

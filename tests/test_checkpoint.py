@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
-from helpers import assert_close
 from vismlp_deploy import load_checkpoint
 from vismlp_deploy.checkpoint.io import read_checkpoint
 from vismlp_deploy.cli import main

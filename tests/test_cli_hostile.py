@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny_model import tiny_checkpoint
+
 from vismlp_deploy.cli import main
 from vismlp_deploy.errors import UserError
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from vismlp_deploy import load_checkpoint, reparameterize
 from vismlp_deploy.models.registry import FORMATS, formats
 

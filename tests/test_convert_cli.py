@@ -6,9 +6,9 @@ import json
 import onnx
 import pytest
 import torch
-
 from helpers import assert_close
 from test_export_onnx import Toy
+
 from vismlp_deploy.cli import main
 from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.models.registry import FORMATS, register_format

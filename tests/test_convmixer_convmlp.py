@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import assert_close, rel_err
+
 from vismlp_deploy import load_checkpoint, reparameterize
 from vismlp_deploy.checkpoint.detect import detect_format
 from vismlp_deploy.errors import CheckpointError, UserError
@@ -132,6 +132,7 @@ def test_convmixer_onnx_passes(act, tmp_path):
     ReLU: no Mul (scales inside the convs); both: one single-pass affine (BatchNormalization) per block."""
     ort = pytest.importorskip("onnxruntime")
     import onnx
+
     from vismlp_deploy.export.onnx import export_onnx
 
     model = randomize_(ConvMixer(dim=8, depth=2, kernel_size=3, patch_size=2, num_classes=4, act_layer=act), 0).eval()

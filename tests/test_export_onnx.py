@@ -15,17 +15,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import assert_close
 from onnx import TensorProto, helper
 from torch import nn
 
-from helpers import assert_close
 from vismlp_deploy import load_checkpoint, reparameterize
 from vismlp_deploy.errors import UserError
 from vismlp_deploy.export.onnx import audit_graph, export_onnx, export_onnx_info, read_metadata
 from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.models.layers import ConvBN, clone_linear
+from vismlp_deploy.models.registry import CONFIGS, FORMATS, create_model, formats
 from vismlp_deploy.models.resmlp import Affine
-from vismlp_deploy.models.registry import CONFIGS, FORMATS, formats, create_model
 from vismlp_deploy.reparam import transforms as T
 from vismlp_deploy.runtime.ort_runner import OrtRunner
 

@@ -14,16 +14,16 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Rearrange
-from hypothesis import given, settings, strategies as st
-from torch import nn
-
 from foreign_models import fold_checked
 from helpers import rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
 from vismlp_deploy.errors import UserError, VerificationError
 from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.reparam import graph_rules
 from vismlp_deploy.reparam.graph import fold_graph
-
 
 _fold = fold_checked
 

@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from einops.layers.torch import Reduce
+from foreign_models import affine_census, fold_checked
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from foreign_models import affine_census, fold_checked
 from vismlp_deploy.errors import VerificationError
 from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.reparam import transforms as T

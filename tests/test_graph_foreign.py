@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
+import foreign_models as fm
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
-import foreign_models as fm
-from helpers import assert_close
 from vismlp_deploy import reparameterize
 from vismlp_deploy.errors import UserError
 from vismlp_deploy.models.convmixer import ConvMixer, _official_to_model

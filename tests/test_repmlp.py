@@ -12,14 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import assert_close
 from vismlp_deploy import create_model, load_checkpoint, reparameterize
 from vismlp_deploy.errors import CheckpointError
-from vismlp_deploy.models._repmlp_common import (depthwise_conv_taps, fold_sharesets_fc_, min_input_side,
-                                                 scale_rows_cols_)
+from vismlp_deploy.models._repmlp_common import (
+    depthwise_conv_taps,
+    fold_sharesets_fc_,
+    min_input_side,
+    scale_rows_cols_,
+)
 from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.models.registry import get_format
 from vismlp_deploy.reparam import transforms as T

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 from torch import nn
 
-from helpers import assert_close
 from vismlp_deploy import create_model, load_checkpoint, reparameterize
 from vismlp_deploy.checkpoint.detect import detect_format
 from vismlp_deploy.errors import CheckpointError

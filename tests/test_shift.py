@@ -3,13 +3,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import assert_close
 from vismlp_deploy.models.asmlp import roll_shift
-from vismlp_deploy.reparam.shift import (channel_offsets, merge_shift_into_1x1, one_hot_shift_kernel,
-                                         shift_by_slicing, shift_groups)
+from vismlp_deploy.reparam.shift import (
+    channel_offsets,
+    merge_shift_into_1x1,
+    one_hot_shift_kernel,
+    shift_by_slicing,
+    shift_groups,
+)
 
 cases = st.fixed_dictionaries(dict(
     channels=st.integers(1, 40),

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close, rel_err
 from torch import nn
 
-from helpers import assert_close, rel_err
 from vismlp_deploy import load_checkpoint, reparameterize
 from vismlp_deploy.errors import UserError
 from vismlp_deploy.models.asmlp import GroupNorm1

@@ -23,9 +23,9 @@ from vismlp_deploy.export import tensorrt as trt_export
 from vismlp_deploy.export.fp16_audit import FP16_MAX, audit_fp16
 from vismlp_deploy.export.onnx import export_onnx
 from vismlp_deploy.models.asmlp import GroupNorm1
-from vismlp_deploy.runtime.ort_runner import OrtRunner
 from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.precision import PRECISIONS
+from vismlp_deploy.runtime.ort_runner import OrtRunner
 
 
 def _has_tensorrt_gpu() -> str | None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from helpers import assert_close
 from vismlp_deploy.errors import NotExactError
 from vismlp_deploy.reparam import transforms as T
 

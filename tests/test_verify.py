@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from tiny_model import tiny, tiny_checkpoint
+
 from vismlp_deploy.cli import main
+from vismlp_deploy.runtime.source import from_train
 from vismlp_deploy.verification.bisect import OUTPUT, bisect, boundary_names
 from vismlp_deploy.verification.compare import parse_runner, verify
 from vismlp_deploy.verification.images import IMAGENET_MEAN, IMAGENET_STD, folder_images, preprocess
-from vismlp_deploy.runtime.source import from_train
 from vismlp_deploy.verification.stats import compare
 
 

@@ -121,7 +121,7 @@ def write_markdown(result: BenchResult, path: Path, *, command: str, csv_name: s
              f"(at least {s.get('min_repeats')}, stopping after {s.get('max_time_s')} s per group); train and deploy "
              "forms alternate call by call, and `deploy/train` is the median of the per-round ratios (train time / "
              "deploy time of calls made back to back), so machine drift cancels inside each ratio",
-             *([f"- wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result.wall_s.items())
+             *(["- wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in result.wall_s.items())
                 + (f" (the ONNX exports of every form, {s.get('export_workers')} processes, before the timing)"
                    if "export" in result.wall_s else "")] if result.wall_s else []),
              *(["- ONNX Runtime sessions run with intra-op spinning off: the forms alternate call by call, and idle "

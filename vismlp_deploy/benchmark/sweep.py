@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterable
 
 import torch
 
 from ..reparam.report import count_flops
-from ..verification.inputs import random_images
-from ..runtime.source import Source
 from ..runtime.backends import default_backends
 from ..runtime.factory import RunnerFactory, Unavailable
+from ..runtime.source import Source
+from ..verification.inputs import random_images
 from .calls import candidate
 from .machine import machine_info
 from .peak import GemmPeak, gemm_peak, ort_gemm_peak

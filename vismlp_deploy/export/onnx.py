@@ -33,10 +33,10 @@ import os
 import tempfile
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import onnx
 import torch

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 
-
 @torch.no_grad()
 def randomize_(model: nn.Module, seed: int = 0) -> nn.Module:
     """Randomize every weight, bias, norm statistic and affine of ``model`` in place.

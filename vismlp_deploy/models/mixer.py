@@ -39,9 +39,17 @@ from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
 from .layers import clone_linear, exporting
 from .registry import StateDict, has_keys, register_config, register_format
-from .resmlp import (ChannelMlp, PatchMlpNet, check_timm_args, count_blocks, fixed_input_size,
-                     resize_img_size,
-                     need, square_grid, token_count)
+from .resmlp import (
+    ChannelMlp,
+    PatchMlpNet,
+    check_timm_args,
+    count_blocks,
+    fixed_input_size,
+    need,
+    resize_img_size,
+    square_grid,
+    token_count,
+)
 
 LN_EPS = 1e-6
 

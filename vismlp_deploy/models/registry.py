@@ -8,8 +8,8 @@ constructor arguments, what ``create_model`` and ``zoo`` list.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 from torch import Tensor, nn
 

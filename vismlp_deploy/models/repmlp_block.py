@@ -9,7 +9,7 @@ upstream converter) and added to fc3 after fc3_bn (BatchNorm1d per feature) is f
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn

@@ -13,8 +13,8 @@ affine varies along one axis, a bias table (a shift pushed through token mixing)
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.fx as fx

@@ -19,8 +19,18 @@ from ..errors import NotExactError
 from . import transforms as T
 from .graph_affine import AffineOp, affine_of
 from .graph_axes import CONV, mixer_axis
-from .graph_edit import (Carried, GraphCtx, Inapplicable, carry, describe, emit_affine, only_user, replace,
-                         single_user, trivial)
+from .graph_edit import (
+    Carried,
+    GraphCtx,
+    Inapplicable,
+    carry,
+    describe,
+    emit_affine,
+    only_user,
+    replace,
+    single_user,
+    trivial,
+)
 from .graph_rules import removable, remove
 
 

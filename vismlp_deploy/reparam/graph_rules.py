@@ -27,8 +27,17 @@ from ..errors import NotExactError
 from . import transforms as T
 from .graph_affine import AffineOp
 from .graph_axes import CONV, NOT_THROUGH, is_plain_add, mixer_axis, move_const, through, value_users, varying_axes
-from .graph_edit import (GraphCtx, Inapplicable, carry, describe, emit_affine, only_user, replace, set_weights,
-                         single_user)
+from .graph_edit import (
+    GraphCtx,
+    Inapplicable,
+    carry,
+    describe,
+    emit_affine,
+    only_user,
+    replace,
+    set_weights,
+    single_user,
+)
 
 
 def padding_of(conv: nn.Module) -> list[int]:

@@ -11,7 +11,7 @@ is treated as a conv with an empty kernel, so every function below serves both.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -23,7 +23,7 @@ from .report import Left, ReparamReport, count_flops, count_params
 class Reparameterizable(Protocol):
     """A module that knows its own exact deploy form."""
 
-    def reparameterize(self, ctx: "ReparamContext") -> nn.Module: ...
+    def reparameterize(self, ctx: ReparamContext) -> nn.Module: ...
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ReparamContext:
     report: ReparamReport
     path: str = ""
 
-    def child(self, name: str) -> "ReparamContext":
+    def child(self, name: str) -> ReparamContext:
         return ReparamContext(self.report, self._join(name))
 
     def folded(self, kind: str, what: str = "") -> None:

@@ -1,7 +1,7 @@
 """The equivalence proof of ``convert``: each produced stage judged against the train form."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
