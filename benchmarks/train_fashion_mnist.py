@@ -193,7 +193,7 @@ def train(model: nn.Module, x: Tensor, y: Tensor, in_chans: int, epochs: int, re
             sched.step()
             seen += len(yb)
             correct += int((out.argmax(1) == yb).sum())
-            loss_sum += float(loss) * len(yb)
+            loss_sum += loss.item() * len(yb)
             progress.update(task, advance=1, info=f"epoch {epoch + 1}/{epochs} loss {loss_sum / seen:.3f}")
         console.log(f"  epoch {epoch + 1}/{epochs}: loss {loss_sum / seen:.4f}, train top-1 {correct / seen:.4f}, "
                     f"{seen / (time.perf_counter() - t0):.0f} img/s")
