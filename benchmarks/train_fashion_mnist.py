@@ -29,7 +29,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -99,7 +99,6 @@ class Fixture:
     overrides: dict
     in_chans: int
     epochs: int = 3
-    lr: float = 2e-3
     to_upstream: Callable[[StateDict], StateDict] = dict  # model keys -> the format's keys
 
     @property
@@ -124,11 +123,14 @@ FIXTURES = [
         in_chans=3, num_classes=10, dim=64, depth=6, kernel_size=5, patch_size=2), in_chans=3,
         to_upstream=locuslab_convmixer_keys),
     Fixture("convmlp", "official-convmlp", "convmlp_s", dict(  # the official tokenizer takes 3 channels
-        num_classes=10, blocks=[1, 1], dims=[64, 128], mlp_ratios=[2, 2], channels=32, n_conv_blocks=1), in_chans=3, epochs=4),
+        num_classes=10, blocks=[1, 1], dims=[64, 128], mlp_ratios=[2, 2], channels=32, n_conv_blocks=1),
+        in_chans=3, epochs=4),
     Fixture("smlpnet", "official-smlpnet", "smlpnet_t", dict(
-        in_chans=1, num_classes=10, dim=32, depths=[1, 1, 1], alpha=3, patch_size=4, dp_rate=0.0), in_chans=1, epochs=4),
+        in_chans=1, num_classes=10, dim=32, depths=[1, 1, 1], alpha=3, patch_size=4, dp_rate=0.0),
+        in_chans=1, epochs=4),
     Fixture("asmlp", "official-asmlp", "asmlp_t", dict(  # shift 5: the size detection assumes
-        in_chans=1, num_classes=10, embed_dim=32, depths=[1, 1, 1], shift_size=5, drop_path_rate=0.0), in_chans=1, epochs=4),
+        in_chans=1, num_classes=10, embed_dim=32, depths=[1, 1, 1], shift_size=5, drop_path_rate=0.0),
+        in_chans=1, epochs=4),
 ]
 FAMILIES = {f.family: f for f in FIXTURES}
 
@@ -143,7 +145,6 @@ class Recipe:
     label_smoothing: float = 0.1
     augmentation: str = "random horizontal flip (p=0.5)"
     seed: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------ training
@@ -229,8 +230,7 @@ def upstream_state_dict(fx: Fixture, model: nn.Module) -> StateDict:
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     up = fx.to_upstream(sd)
     back = get_format(fx.format).to_model_keys(up)
-    if back.keys() != sd.keys() or any(not torch.equal(back[k].reshape(sd[k].shape), sd[k]) or back[k].shape != sd[k].shape
-                                       for k in sd):
+    if back.keys() != sd.keys() or any(back[k].shape != v.shape or not torch.equal(back[k], v) for k, v in sd.items()):
         raise RuntimeError(f"{fx.name}: the upstream key mapping does not invert {fx.format}'s to_model_keys")
     return up
 
@@ -247,7 +247,7 @@ def cpu_name() -> str:
 
 def run_fixture(fx: Fixture, args: argparse.Namespace, data: dict, progress: Progress) -> dict:
     epochs = args.epochs or fx.epochs
-    recipe = Recipe(lr=fx.lr, seed=args.seed)
+    recipe = Recipe(seed=args.seed)
     torch.manual_seed(args.seed)
     model = vismlp_deploy.create_model(fx.named, input_size=SIZE, **fx.overrides)
     params = sum(p.numel() for p in model.parameters())
@@ -273,7 +273,7 @@ def run_fixture(fx: Fixture, args: argparse.Namespace, data: dict, progress: Pro
         "file": path.name, "family": fx.family, "format": loaded.arch, "config": loaded.config,
         "in_chans": fx.in_chans, "input_size": list(loaded.input_size), "params": params,
         "file_bytes": path.stat().st_size, "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-        "epochs": epochs, "recipe": {k: v for k, v in vars(recipe).items() if k != "extra"},
+        "epochs": epochs, "recipe": asdict(recipe),
         "train_time_s": round(train_s, 1), "test_correct": correct, "test_images": len(y_test),
         "test_top1": correct / len(y_test), "eval_batch": EVAL_BATCH,
         "torch": torch.__version__, "cpu": cpu_name(), "threads": torch.get_num_threads(),
@@ -284,20 +284,20 @@ def run_fixture(fx: Fixture, args: argparse.Namespace, data: dict, progress: Pro
 def readme(manifest: dict) -> str:
     rows = ["| file | format | in_chans | params | size (KiB) | epochs | train time (s) | test top-1 (10k) |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name, e in manifest.items():
+    for e in manifest.values():
         rows.append(f"| {e['file']} | {e['format']} | {e['in_chans']} | {e['params']:,} | {e['file_bytes'] / 1024:.0f} "
                     f"| {e['epochs']} | {e['train_time_s']:.0f} | {100 * e['test_top1']:.2f} % ({e['test_correct']}) |")
     first = next(iter(manifest.values()))
+    r = first["recipe"]
     return "\n".join([
         "# Fashion-MNIST fixtures: small trained networks of every family",
         "",
         "Written by `benchmarks/train_fashion_mnist.py` (generated from `manifest.json`; do not edit).",
         "Plain `state_dict` files, float32, in each family's upstream key layout; inputs 28x28 zero-padded to",
         "32x32, normalized (`vismlp_deploy.datasets.load_fashion_mnist`). Top-1 of the train form on the full",
-        f"10k test set, evaluated in batches of {first['eval_batch']}. Recipe: {first['recipe']['optimizer']}, "
-        f"lr {first['recipe']['lr']}, weight decay {first['recipe']['weight_decay']}, batch {first['recipe']['batch_size']},",
-        f"{first['recipe']['schedule']}, label smoothing {first['recipe']['label_smoothing']}, "
-        f"{first['recipe']['augmentation']}.",
+        f"10k test set, evaluated in batches of {first['eval_batch']}. Recipe: {r['optimizer']}, lr {r['lr']}, "
+        f"weight decay {r['weight_decay']}, batch {r['batch_size']},",
+        f"{r['schedule']}, label smoothing {r['label_smoothing']}, {r['augmentation']}.",
         f"Trained on {first['cpu']} ({first['threads']} threads), torch {first['torch']}.",
         "",
         *rows,
