@@ -2,9 +2,10 @@
 
 Real weights of every family, in each family's upstream key layout, on the full 10k test set:
 detection finds the recorded format and config; the train form reproduces the recorded
-top-1 to the image; the deploy form (``reparameterize``) and its ONNX export run in ONNX
-Runtime give the train form's predictions on >= 99.99 % of the images, with
-``max|y - ref| / max|ref|`` <= 1e-5 over all 10k logits.
+top-1 to the image; the deploy form (``reparameterize``), and the artifacts of
+``vismlp-deploy convert --to pt`` and ``--to onnx`` (the latter run in ONNX Runtime), give the
+train form's predictions on >= 99.99 % of the images, with ``max|y - ref| / max|ref|`` <= 1e-5
+over all 10k logits.
 
 The file checks run everywhere; the rest skip when Fashion-MNIST is not installed (CI installs
 it). One model of each family is built and evaluated once per module (batches of the
@@ -129,8 +130,25 @@ def test_deploy_form_matches_train_form(trained: Trained, deploy: tuple[nn.Modul
     assert_equivalent(compare(logits, trained.logits), "deploy form vs train form")
 
 
-def test_onnx_deploy_matches_train_form(trained: Trained, deploy: tuple[nn.Module, Tensor], tmp_path: Path) -> None:
-    path = vd.export_onnx(deploy[0], tmp_path / f"{trained.entry['file']}.onnx")
-    runner = OrtRunner(path, threads=2)
+def _convert(trained: Trained, tmp_path: Path, to: str) -> Path:
+    """``vismlp-deploy convert FIXTURE --to TO --input-size 32``: the command a user runs; exit 0, stage proofs passed."""
+    from vismlp_deploy.cli import main
+
+    out = tmp_path / (trained.entry["file"].removesuffix(".pth") + (".deploy.pt" if to == "pt" else ".onnx"))
+    assert main(["convert", str(FIXTURES / trained.entry["file"]), "--to", to, "--input-size", "32", "--out", str(out),
+                 "-q"]) == 0
+    return out
+
+
+def test_cli_convert_to_pt_keeps_the_predictions(trained: Trained, tmp_path: Path) -> None:
+    from vismlp_deploy.export.torch_artifact import load_deploy
+
+    model = load_deploy(_convert(trained, tmp_path, "pt"))
+    logits = run_batched(model, trained.images, trained.entry["eval_batch"])
+    assert_equivalent(compare(logits, trained.logits), "convert --to pt vs train form")
+
+
+def test_cli_convert_to_onnx_keeps_the_predictions(trained: Trained, tmp_path: Path) -> None:
+    runner = OrtRunner(_convert(trained, tmp_path, "onnx"), threads=2)
     logits = run_batched(runner.run, trained.images, trained.entry["eval_batch"])
-    assert_equivalent(compare(logits, trained.logits), "ONNX Runtime (deploy form) vs train form")
+    assert_equivalent(compare(logits, trained.logits), "convert --to onnx, ONNX Runtime vs train form")
