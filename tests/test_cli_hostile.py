@@ -128,7 +128,7 @@ def test_library_warnings_do_not_leak_around_the_error(workspace: Path, capsys, 
     import vismlp_deploy.cli.model_args as model_args
 
     def noisy(*a, **k):
-        warnings.warn("TypedStorage is deprecated", UserWarning)  # what torch says while loading some files
+        warnings.warn("TypedStorage is deprecated", UserWarning, stacklevel=2)  # what torch says while loading some files
         raise UserError("the real problem")
 
     monkeypatch.setattr(model_args, "load_source", noisy)

@@ -221,8 +221,8 @@ def format_bytes(n: float) -> str:
     """``1.5 GiB``, ``320.0 MiB``; binary units."""
     if abs(n) < 1024:
         return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
         if abs(n) < 1024:
-            break
-    return f"{n:.1f} {unit}"
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"
