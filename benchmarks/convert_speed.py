@@ -101,7 +101,8 @@ def main() -> None:
         return
     runs = []
     for _ in range(args.repeats):
-        out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model, "--threads", str(args.threads)],
+        out = subprocess.run([sys.executable, __file__, "--child", "--model", args.model,
+                              "--threads", str(args.threads)],
                              check=True, capture_output=True, text=True).stdout
         runs.append(json.loads(out.strip().splitlines()[-1]))
     print(f"{args.model}, {args.threads} threads, {args.repeats} fresh processes (median [min, max]):")

@@ -29,9 +29,9 @@ import re
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 # On a shared machine, OpenMP threads that spin-wait between ops burn the cores other
 # processes need (measured here: 2 spinning threads ran a training step 4-8x slower than

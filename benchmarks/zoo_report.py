@@ -32,13 +32,14 @@ def target_lines(result: BenchResult) -> list[str]:
     """Markdown: one table per target, one row per model, measured value next to the target."""
     lines = []
     slower = [r for r in result.ratios if r.deploy_over_train < 1.0]
-    lines += [f"**Deploy never slower than train** (every backend, batch, precision): {len(result.ratios) - len(slower)} "
-              f"of {len(result.ratios)} measured ratios are ≥ 1.0."]
+    lines += [f"**Deploy never slower than train** (every backend, batch, precision): "
+              f"{len(result.ratios) - len(slower)} of {len(result.ratios)} measured ratios are ≥ 1.0."]
     if slower:
         noise = sum(r.q75 >= 1.0 for r in slower)
         lines += [f"Of the {len(slower)} below 1.0, {noise} have a per-round upper quartile ≥ 1.0 (deploy won at "
                   "least a quarter of the rounds: a difference inside the round-to-round noise).", "",
-                  "| model | backend | prec | batch | deploy/train | per-round quartiles |", "|---|---|---|--:|--:|--:|"]
+                  "| model | backend | prec | batch | deploy/train | per-round quartiles |",
+                  "|---|---|---|--:|--:|--:|"]
         lines += [f"| {r.model} | {r.backend} | {r.precision} | {r.batch} | {r.deploy_over_train:.3f} "
                   f"| {r.q25:.3f} – {r.q75:.3f} |" for r in sorted(slower, key=lambda r: r.deploy_over_train)]
     on_cpu = result.machine.get("device") == "cpu"
@@ -75,8 +76,9 @@ def target_lines(result: BenchResult) -> list[str]:
             lines.append(f"| {name} | not measured | | | ≥ {PEAK_TARGET:.0%} | – |")
             continue
         best = max(recs, key=lambda r: r.fraction_of_peak)
-        lines.append(f"| {name} | {best.backend} {best.precision} | {best.gflops_per_sec:.1f} | {best.fraction_of_peak:.0%} "
-                     f"| ≥ {PEAK_TARGET:.0%} | {_met(best.fraction_of_peak >= PEAK_TARGET)} |")
+        lines.append(f"| {name} | {best.backend} {best.precision} | {best.gflops_per_sec:.1f} "
+                     f"| {best.fraction_of_peak:.0%} | ≥ {PEAK_TARGET:.0%} "
+                     f"| {_met(best.fraction_of_peak >= PEAK_TARGET)} |")
     return lines
 
 

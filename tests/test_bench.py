@@ -110,7 +110,8 @@ def test_ratio_target_against_gemm_bound(result):
     ratios = [Ratio("resmlp_12", "onnxruntime", 8, "fp32", 1.05, 1.0, 1.1, gemm_bound=1.08)]
     text = "\n".join(target_lines(BenchResult(records=[rec("train", 10.0), rec("deploy", 10.5)], ratios=ratios,
                                                machine={"device": "cpu"})))
-    assert "| resmlp_12 | resmlp | 1.05 | 1.00 – 1.10 | 1.08 | ≥ 1.1 | **not met** (target above the GEMM bound) |" in text
+    assert ("| resmlp_12 | resmlp | 1.05 | 1.00 – 1.10 | 1.08 | ≥ 1.1 | **not met** (target above the GEMM bound) |"
+            in text)
     ratios[0].gemm_bound = 1.5
     text = "\n".join(target_lines(BenchResult(records=[rec("train", 10.0)], ratios=ratios, machine={"device": "cpu"})))
     assert "| 1.50 | ≥ 1.1 | **not met** |" in text
@@ -120,7 +121,8 @@ def test_cli_bench_json_csv_png(tmp_path, capsys):
     ckpt = tmp_path / "tiny.pth"
     tiny_checkpoint(ckpt)
     rc = main(["bench", str(ckpt), "--backends", "torch,onnxruntime", "--batch-sizes", "1,2", "--repeats", "2",
-               "--warmup", "1", "--threads", "1", "--json", "--csv", str(tmp_path / "r.csv"), "--png", str(tmp_path / "r.png")])
+               "--warmup", "1", "--threads", "1", "--json", "--csv", str(tmp_path / "r.csv"),
+               "--png", str(tmp_path / "r.png")])
     out = capsys.readouterr().out
     doc = json.loads(out)  # exactly one document
     assert rc == 0 and len(doc["results"]) == 8 and len(doc["ratios"]) == 4 and doc["gemm_peak_gflops"] > 0
@@ -170,5 +172,6 @@ def test_ort_runner_spinning_switch(tmp_path):
     path = export_onnx(tiny(), tmp_path / "t.onnx")
     key = "session.intra_op.allow_spinning"
     assert OrtRunner(path, threads=1, spin=False).session.get_session_options().get_session_config_entry(key) == "0"
-    with pytest.raises(Exception):  # not set: ONNX Runtime's default (spinning) applies
+    # not set: ONNX Runtime's default (spinning) applies
+    with pytest.raises(RuntimeError, match="does not have configuration"):
         OrtRunner(path, threads=1).session.get_session_options().get_session_config_entry(key)

@@ -205,7 +205,8 @@ def test_overlap_check_has_no_false_negatives(data) -> None:
     shape = data.draw(st.lists(st.integers(0, 5), min_size=ndim, max_size=ndim))
     strides = data.draw(st.lists(st.integers(0, 40), min_size=ndim, max_size=ndim))
     t = torch.empty(2000).as_strided(shape, strides)
-    grid = torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, ndim) if t.numel() else torch.zeros(0, ndim)
+    grid = (torch.cartesian_prod(*[torch.arange(n) for n in shape]).reshape(-1, ndim) if t.numel()
+            else torch.zeros(0, ndim))
     addresses = (grid.long() * torch.tensor(strides)).sum(1)
     if addresses.unique().numel() < addresses.numel():
         assert _overlaps(t)
@@ -221,7 +222,8 @@ def test_views_of_a_dense_tensor_are_never_flagged(data) -> None:
     t = torch.randn(shape).permute(*data.draw(st.permutations(range(len(shape)))))
     for dim in range(t.dim()):
         start = data.draw(st.integers(0, t.shape[dim] - 1))
-        t = t.narrow(dim, start, t.shape[dim] - start)[(slice(None),) * dim + (slice(None, None, data.draw(st.integers(1, 3))),)]
+        t = t.narrow(dim, start, t.shape[dim] - start)[
+            (slice(None),) * dim + (slice(None, None, data.draw(st.integers(1, 3))),)]
     assert not _overlaps(t)
     check_tensors({"w": t})
 

@@ -134,7 +134,8 @@ def test_missing_key_is_listed(tmp_path: Path, capsys) -> None:
     del sd["blocks.1.ls2"]
     path = _save(tmp_path, sd)
     _fails(_convert(path), tmp_path, capsys, r"missing keys \(1\): blocks\.1\.ls2")
-    _fails(_convert(path, "--arch", "timm-resmlp"), tmp_path, capsys, r"does not fit timm-resmlp.*missing keys \(1\): blocks\.1\.ls2")
+    _fails(_convert(path, "--arch", "timm-resmlp"), tmp_path, capsys,
+           r"does not fit timm-resmlp.*missing keys \(1\): blocks\.1\.ls2")
 
 
 def test_unexpected_key_is_listed_never_dropped(tmp_path: Path, capsys) -> None:
@@ -148,7 +149,8 @@ def test_shape_mismatch_names_key_expected_and_got(tmp_path: Path, capsys) -> No
     sd = _golden_sd("resmlp_timm")
     sd["blocks.0.mlp_channels.fc2.weight"] = torch.randn(32, 100)
     _fails(_convert(_save(tmp_path, sd)), tmp_path, capsys,
-           r"shape mismatch at blocks\.0\.mlp_channels\.fc2\.weight: model expects \(32, 128\), checkpoint has \(32, 100\)")
+           r"shape mismatch at blocks\.0\.mlp_channels\.fc2\.weight: "
+           r"model expects \(32, 128\), checkpoint has \(32, 100\)")
 
 
 def test_wrong_arch_is_refused_with_the_key_lists(tmp_path: Path, capsys) -> None:

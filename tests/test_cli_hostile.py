@@ -65,18 +65,20 @@ CASES = [
     ("warmup-negative", ["bench", "{d}/m.pth", "--warmup", "-3"], "warmup"),
     ("unknown-precision", ["bench", "{d}/m.pth", "--precision", "fp8"], "unknown precision 'fp8'"),
     ("unknown-backend", ["bench", "{d}/m.pth", "--backends", "tflite"], "unknown backend 'tflite'"),
-    ("set-unknown-key", ["zoo", "--init", "resmlp_12", "--set", "bogus=1", "--out", "{d}/o.pth"], "no argument 'bogus'"),
+    ("set-unknown-key", ["zoo", "--init", "resmlp_12", "--set", "bogus=1", "--out", "{d}/o.pth"],
+     "no argument 'bogus'"),
     ("set-no-value", ["zoo", "--init", "resmlp_12", "--set", "num_blocks", "--out", "{d}/o.pth"], "KEY=VALUE"),
     ("set-negative", ["zoo", "--init", "resmlp_12", "--set", "num_blocks=-1", "--out", "{d}/o.pth"], "must be > 0"),
-    ("set-wrong-type", ["zoo", "--init", "resmlp_12", "--set", "num_blocks=\"x\"", "--out", "{d}/o.pth"], "expected a int"),
+    ("set-wrong-type", ["zoo", "--init", "resmlp_12", "--set", "num_blocks=\"x\"", "--out", "{d}/o.pth"],
+     "expected a int"),
     ("config-zero-size", ["convert", "resmlp_12", "--config", '{"img_size": 0}', "--out", "{d}/o.pt"], ">= 1"),
     ("config-bad-size", ["convert", "resmlp_12", "--config", '{"img_size": 8}', "--out", "{d}/o.pt"], "multiple of"),
     ("tolerance-negative", ["verify", "{d}/m.pth", "--tolerance", "-1"], "tolerance"),
     ("tolerance-nan", ["verify", "{d}/m.pth", "--tolerance", "nan"], "tolerance"),
     ("atol-inf", ["verify", "{d}/m.pth", "--atol", "inf"], "atol"),
     ("std-zero", ["verify", "{d}/m.pth", "--std", "0,0,0"], "std"),
-    ("dynamic-batch-garbage", ["convert", "{d}/m.pth", "--to", "onnx", "--dynamic-batch", "a:b:c", "--out", "{d}/o.onnx"],
-     "a:b:c"),
+    ("dynamic-batch-garbage",
+     ["convert", "{d}/m.pth", "--to", "onnx", "--dynamic-batch", "a:b:c", "--out", "{d}/o.onnx"], "a:b:c"),
     ("input-size-garbage", ["convert", "{d}/m.pth", "--input-size", "big", "--out", "{d}/o.pt"], "H or HxW"),
     ("input-size-unfit", ["convert", "{d}/m.pth", "--input-size", "64", "--out", "{d}/o.pt"], "fix its input size"),
     ("max-memory-garbage", ["convert", "{d}/m.pth", "--max-memory", "lots", "--out", "{d}/o.pt"], "8G"),
@@ -128,7 +130,8 @@ def test_library_warnings_do_not_leak_around_the_error(workspace: Path, capsys, 
     import vismlp_deploy.cli.model_args as model_args
 
     def noisy(*a, **k):
-        warnings.warn("TypedStorage is deprecated", UserWarning)  # what torch says while loading some files
+        # what torch says while loading some files
+        warnings.warn("TypedStorage is deprecated", UserWarning, stacklevel=2)
         raise UserError("the real problem")
 
     monkeypatch.setattr(model_args, "load_source", noisy)
@@ -148,10 +151,12 @@ def test_internal_errors_exit_3_with_one_line(workspace: Path, capsys, monkeypat
 def test_new_files_respect_the_umask(workspace: Path, tmp_path: Path) -> None:
     old = os.umask(0o027)
     try:
-        assert main(["convert", str(workspace / "m.pth"), "--to", "pt", "--out", str(tmp_path / "o.deploy.pt"), "-q"]) == 0
+        assert main(["convert", str(workspace / "m.pth"), "--to", "pt",
+                     "--out", str(tmp_path / "o.deploy.pt"), "-q"]) == 0
         (tmp_path / "keep.deploy.pt").write_bytes(b"x")
         os.chmod(tmp_path / "keep.deploy.pt", 0o644)
-        assert main(["convert", str(workspace / "m.pth"), "--out", str(tmp_path / "keep.deploy.pt"), "--force", "-q"]) == 0
+        assert main(["convert", str(workspace / "m.pth"), "--out", str(tmp_path / "keep.deploy.pt"),
+                     "--force", "-q"]) == 0
     finally:
         os.umask(old)
     assert (tmp_path / "o.deploy.pt").stat().st_mode & 0o777 == 0o640

@@ -83,7 +83,8 @@ def test_every_schema_names_a_zoo_config_when_its_family_has_one() -> None:
     gaps = []
     for name, schema in SCHEMAS.items():
         fmt = FORMATS.get(schema["format"])
-        if fmt is None or not any(FORMATS[c.format].family == fmt.family for c in CONFIGS.values() if c.format in FORMATS):
+        if fmt is None or not any(FORMATS[c.format].family == fmt.family
+                                  for c in CONFIGS.values() if c.format in FORMATS):
             continue
         if fmt.name.endswith("-deploy"):  # deploy key sets name no train-time config
             continue

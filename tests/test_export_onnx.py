@@ -44,7 +44,8 @@ class AffineLinear(nn.Module):
         return self.fc(self.norm(x))
 
     def reparameterize(self, ctx):
-        w, b = T.fold_affine_before(self.fc.weight, self.fc.bias, self.norm.alpha.reshape(-1), self.norm.beta.reshape(-1))
+        w, b = T.fold_affine_before(self.fc.weight, self.fc.bias,
+                                    self.norm.alpha.reshape(-1), self.norm.beta.reshape(-1))
         ctx.folded("Affine->Linear")
         return clone_linear(w, b)
 
@@ -190,20 +191,23 @@ def _bn_inits(p: str) -> list:
 
 
 def _bn(name: str, src: str, dst: str) -> onnx.NodeProto:
-    return helper.make_node("BatchNormalization", [src, f"{name}s", f"{name}b", f"{name}m", f"{name}v"], [dst], name=name)
+    return helper.make_node("BatchNormalization", [src, f"{name}s", f"{name}b", f"{name}m", f"{name}v"], [dst],
+                            name=name)
 
 
 def test_audit_graph_finds_foldable_batchnorms_and_training_nodes():
     w = helper.make_tensor("w", TensorProto.FLOAT, [4, 4, 1, 1], np.ones(16).tolist())
     w3 = helper.make_tensor("w3", TensorProto.FLOAT, [4, 4, 3, 3], np.ones(144).tolist())
-    conv_bn = _graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), _bn("bn", "c", "y")], [w, *_bn_inits("bn")])
+    conv_bn = _graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), _bn("bn", "c", "y")],
+                     [w, *_bn_inits("bn")])
     assert any("after Conv" in i for i in audit_graph(conv_bn))
     bn_conv = _graph([helper.make_node("Relu", ["x"], ["r"], name="relu"), _bn("bn", "r", "b"),
                       helper.make_node("Conv", ["b", "w"], ["y"], name="conv")], [w, *_bn_inits("bn")])
     assert any("before unpadded Conv" in i for i in audit_graph(bn_conv))
     # BN after a non-linearity and before a zero-padded conv: no exact fold exists
     bn_padded = _graph([helper.make_node("Relu", ["x"], ["r"], name="relu"), _bn("bn", "r", "b"),
-                        helper.make_node("Conv", ["b", "w3"], ["y"], name="conv", pads=[1, 1, 1, 1])], [w3, *_bn_inits("bn")])
+                        helper.make_node("Conv", ["b", "w3"], ["y"], name="conv", pads=[1, 1, 1, 1])],
+                       [w3, *_bn_inits("bn")])
     assert audit_graph(bn_padded) == []
     dropout = _graph([helper.make_node("Dropout", ["x"], ["y"], name="drop")], [])
     assert any("Dropout" in i for i in audit_graph(dropout, deploy=False))

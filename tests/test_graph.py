@@ -151,7 +151,8 @@ def test_rearrange_carries_the_channel_axis():
     m = nn.Sequential(nn.Conv2d(3, 8, 2, 2), nn.BatchNorm2d(8), Rearrange("b c h w -> b (h w) c"), nn.Linear(8, 4))
     _, rep = _fold(m, torch.randn(2, 3, 4, 4))
     assert rep.folded["BatchNorm2d->Conv2d"] == 1
-    m2 = nn.Sequential(nn.Conv2d(3, 8, 2, 2), nn.ReLU(), nn.BatchNorm2d(8), Rearrange("b c h w -> b (h w) c"), nn.Linear(8, 4))
+    m2 = nn.Sequential(nn.Conv2d(3, 8, 2, 2), nn.ReLU(), nn.BatchNorm2d(8), Rearrange("b c h w -> b (h w) c"),
+                       nn.Linear(8, 4))
     _, rep2 = _fold(m2, torch.randn(2, 3, 4, 4))
     assert rep2.folded["BatchNorm2d->Linear"] == 1  # channel axis 1 -> last, through the rearrange
 

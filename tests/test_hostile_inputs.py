@@ -133,11 +133,14 @@ def _is_weight(k: str) -> bool:
 # name: (file name, maker, call on the path, message pattern)
 CHECKPOINTS: dict[str, tuple[str, Callable[[Path], None], Callable[[Path], object], str]] = {
     "stale-zip-crc": ("ckpt.pth", _stale_crc, read_checkpoint, r"CRC"),
-    "legacy-pickle-runs-code": ("ckpt.pth", _legacy_code, read_checkpoint, r"can run code.*posix\.system.*--trust-pickle only if you trust its source$"),
-    "raw-pickle-runs-code": ("ckpt.pth", _raw_pickle_code, read_checkpoint, r"can run code.*posix\.system.*--trust-pickle only if you trust its source$"),
+    "legacy-pickle-runs-code": ("ckpt.pth", _legacy_code, read_checkpoint,
+                                r"can run code.*posix\.system.*--trust-pickle only if you trust its source$"),
+    "raw-pickle-runs-code": ("ckpt.pth", _raw_pickle_code, read_checkpoint,
+                             r"can run code.*posix\.system.*--trust-pickle only if you trust its source$"),
     "stride-0-view": ("ckpt.pth", _save(lambda: {"w": torch.zeros(1).expand(30000, 30000), "b": torch.ones(3)}),
                       read_checkpoint, r"stride-0.*w \(30000, 30000\)"),
-    "sparse": ("ckpt.pth", _save(lambda: {"w": torch.eye(4).to_sparse(), "b": torch.ones(3)}), read_checkpoint, r"sparse.*\bw\b"),
+    "sparse": ("ckpt.pth", _save(lambda: {"w": torch.eye(4).to_sparse(), "b": torch.ones(3)}),
+               read_checkpoint, r"sparse.*\bw\b"),
     "meta-device": ("ckpt.pth", _save(lambda: {"w": torch.empty(4, 4, device="meta"), "b": torch.ones(3)}),
                     read_checkpoint, r"meta-device.*\bw\b"),
     "quantized": ("ckpt.pth", _save(lambda: {"w": torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8),
@@ -146,7 +149,8 @@ CHECKPOINTS: dict[str, tuple[str, Callable[[Path], None], Callable[[Path], objec
                      load_checkpoint, r"wrong kind.*weight \(int32, model has float\)"),
     "complex-weight": ("ckpt.pth", _resmlp_file(_weights_edit(_is_weight, lambda t: t.to(torch.complex64))),
                        load_checkpoint, r"wrong kind.*weight \(complex64, model has float\)"),
-    "negative-running-var": ("ckpt.pth", _convmixer_file(_weights_edit(lambda k: k.endswith("running_var"), lambda t: -t)),
+    "negative-running-var": ("ckpt.pth",
+                             _convmixer_file(_weights_edit(lambda k: k.endswith("running_var"), lambda t: -t)),
                              load_checkpoint, r"negative BatchNorm variances.*running_var"),
     "config-argument-not-a-dict": ("ckpt.pth", _resmlp_file(), lambda p: load_checkpoint(p, config="embed_dim=16"),
                                    r"config must be a dict"),
@@ -165,7 +169,8 @@ CHECKPOINTS: dict[str, tuple[str, Callable[[Path], None], Callable[[Path], objec
                               load_deploy, r"lacks config"),
     "deploy-config-string": ("m.deploy.pt", lambda p: _deploy_file(p, lambda pl: pl[META_KEY].update(config="x")),
                              load_deploy, r"config is a str"),
-    "deploy-int-weights": ("m.deploy.pt", lambda p: _deploy_file(p, _weights_edit(_is_weight, lambda t: t.to(torch.int64))),
+    "deploy-int-weights": ("m.deploy.pt",
+                           lambda p: _deploy_file(p, _weights_edit(_is_weight, lambda t: t.to(torch.int64))),
                            load_deploy, r"wrong kind.*int64"),
 }
 
@@ -257,7 +262,8 @@ def test_default_limit_follows_available_memory(monkeypatch, workdir: Path) -> N
     from vismlp_deploy.models import footprint
 
     monkeypatch.setattr(footprint, "available_memory", lambda: 4 * GiB)
-    _refused(lambda: create_model("asmlp_t", img_size=6016), workdir, r"limit of 2\.0 GiB \(half of the 4\.0 GiB available\)")
+    _refused(lambda: create_model("asmlp_t", img_size=6016), workdir,
+             r"limit of 2\.0 GiB \(half of the 4\.0 GiB available\)")
     assert create_model("asmlp_t", **TINY_ASMLP).input_size == (3, 32, 32)  # small ones still fit
 
 
@@ -347,9 +353,10 @@ def test_memory_bound_refusals_stay_under_1_gb(case: str, workdir: Path) -> None
     if make:
         make(path)
     before = _snapshot(workdir)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, case, str(path)], capture_output=True, text=True, check=False,
-                         timeout=300, env=env, cwd=workdir)
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, case, str(path)], capture_output=True, text=True,
+                         check=False, timeout=300, env=env, cwd=workdir)
     lines = dict(line.split(" ", 1) for line in run.stdout.splitlines() if " " in line)
     assert "REFUSED" in lines and len(run.stdout.splitlines()) == 2, (run.stdout, run.stderr[-2000:])
     assert re.search(match, lines["REFUSED"]), lines["REFUSED"]
@@ -402,13 +409,15 @@ ONNX_FILES: dict[str, tuple[Callable[[bytes, Path], None], str]] = {
     "truncated": (lambda data, p: p.write_bytes(data[: len(data) // 2]), r"not a readable ONNX model"),
     "text": (lambda data, p: p.write_text("this is not a model\n"), r"not a readable ONNX model"),
     "empty": (lambda data, p: p.write_bytes(b""), r"not an ONNX model"),
-    "a-checkpoint": (lambda data, p: torch.save({"w": torch.ones(2)}, p), r"not a readable ONNX model|not an ONNX model"),
+    "a-checkpoint": (lambda data, p: torch.save({"w": torch.ones(2)}, p),
+                     r"not a readable ONNX model|not an ONNX model"),
     "metadata-3x100000x100000": (lambda data, p: p.write_bytes(_with_input_size(data, [3, 100000, 100000])),
                                  r"declares input 3x100000x100000 but the graph takes 3x32x32"),
     "metadata-3x1x1": (lambda data, p: p.write_bytes(_with_input_size(data, [3, 1, 1])), r"declares input 3x1x1"),
     "metadata-input-size-garbage": (lambda data, p: p.write_bytes(_with_input_size(data, ["a", 2])),
                                     r"input_size is \['a', 2\]"),
-    "dynamic-3x100000x100000": (lambda data, p: _dynamic_hw_onnx(p, [3, 100000, 100000]), r"needs about .*memory limit"),
+    "dynamic-3x100000x100000": (lambda data, p: _dynamic_hw_onnx(p, [3, 100000, 100000]),
+                                r"needs about .*memory limit"),
     "dynamic-3x1x1": (lambda data, p: _dynamic_hw_onnx(p, [3, 1, 1]), r"cannot take an input of 1x3x1x1"),
 }
 

@@ -61,12 +61,14 @@ def test_fold_sharesets_fc_matches_dense_reference(dtype, h: int, w: int, s: int
     g = torch.Generator().manual_seed(seed)
     n = h * w
     weight = torch.randn(s, n, n, generator=g, dtype=dtype)
-    scale, shift = torch.rand(s, generator=g, dtype=torch.float64) + 0.5, torch.randn(s, generator=g, dtype=torch.float64)
+    scale, shift = (torch.rand(s, generator=g, dtype=torch.float64) + 0.5,
+                    torch.randn(s, generator=g, dtype=torch.float64))
     ref_w = weight.double() * scale[:, None, None]
     ref_b = shift[:, None].expand(s, n).clone()
     kernel = kbias = None
     if ks:
-        branches = [(torch.randn(s, 1, k, k, generator=g, dtype=torch.float64), torch.randn(s, generator=g, dtype=torch.float64), k // 2)
+        branches = [(torch.randn(s, 1, k, k, generator=g, dtype=torch.float64),
+                     torch.randn(s, generator=g, dtype=torch.float64), k // 2)
                     for k in ks]
         kernel, kbias, pad = T.merge_parallel_kernels(branches)
         ref_w = ref_w + T.depthwise_conv_to_fc(kernel, h, w, pad)
@@ -81,7 +83,8 @@ def test_fold_sharesets_fc_matches_dense_reference(dtype, h: int, w: int, s: int
 def test_scale_rows_cols_is_the_float64_product(o: int, i: int, chunk: int, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(o, i, generator=g)
-    rows, cols, shift = (torch.rand(o, generator=g, dtype=torch.float64), torch.rand(i, generator=g, dtype=torch.float64),
+    rows, cols, shift = (torch.rand(o, generator=g, dtype=torch.float64),
+                         torch.rand(i, generator=g, dtype=torch.float64),
                          torch.randn(i, generator=g, dtype=torch.float64))
     ref = (w.double() * cols * rows[:, None]).float()
     ref_shift = w.double() @ shift
@@ -170,7 +173,8 @@ def test_repmlpnet_infer_config_from_schema(name: str) -> None:
     entry = json.loads((HERE / "conformance" / "schemas.json").read_text())[name]
     fmt = get_format(entry["format"])
     sd = _meta(entry["keys"])
-    assert fmt.matches(sd) and not get_format("official-repmlpnet" + ("" if "deploy" in name else "-deploy")).matches(sd)
+    assert (fmt.matches(sd)
+            and not get_format("official-repmlpnet" + ("" if "deploy" in name else "-deploy")).matches(sd))
     cfg = fmt.infer_config(sd)
     want = dict(entry["config"])
     if "deploy" in name:  # the deploy keys do not record the (folded) kernel sizes
@@ -225,10 +229,14 @@ def test_repmlpnet_b224_full_size_fp32() -> None:
 
 # ------------------------------------------------------------- original RepMLP block
 BLOCK_CASES = {
-    "in_ne_out": dict(in_channels=4, out_channels=6, H=4, W=6, h=2, w=3, reparam_conv_k=[1, 3], fc1_fc2_reduction=2, fc3_groups=2),
-    "out_lt_in_k5": dict(in_channels=6, out_channels=3, H=6, W=4, h=3, w=2, reparam_conv_k=[3, 5], fc1_fc2_reduction=1, fc3_groups=3),
-    "no_global": dict(in_channels=4, out_channels=8, H=3, W=5, h=3, w=5, reparam_conv_k=[1, 3, 5], fc1_fc2_reduction=1, fc3_groups=1),
-    "no_conv": dict(in_channels=4, out_channels=4, H=4, W=4, h=2, w=2, reparam_conv_k=None, fc1_fc2_reduction=2, fc3_groups=2),
+    "in_ne_out": dict(in_channels=4, out_channels=6, H=4, W=6, h=2, w=3, reparam_conv_k=[1, 3],
+                      fc1_fc2_reduction=2, fc3_groups=2),
+    "out_lt_in_k5": dict(in_channels=6, out_channels=3, H=6, W=4, h=3, w=2, reparam_conv_k=[3, 5],
+                         fc1_fc2_reduction=1, fc3_groups=3),
+    "no_global": dict(in_channels=4, out_channels=8, H=3, W=5, h=3, w=5, reparam_conv_k=[1, 3, 5],
+                      fc1_fc2_reduction=1, fc3_groups=1),
+    "no_conv": dict(in_channels=4, out_channels=4, H=4, W=4, h=2, w=2, reparam_conv_k=None,
+                    fc1_fc2_reduction=2, fc3_groups=2),
 }
 
 
@@ -246,7 +254,8 @@ def test_repmlp_block_deploy_equals_train(case: str, dtype: torch.dtype) -> None
 
 def test_repmlp_block_infer_config() -> None:
     fmt = get_format("official-repmlp-block-c946c5e")
-    cfg = dict(in_channels=4, out_channels=6, H=6, W=6, h=3, w=3, reparam_conv_k=[1, 3], fc1_fc2_reduction=2, fc3_groups=2)
+    cfg = dict(in_channels=4, out_channels=6, H=6, W=6, h=3, w=3, reparam_conv_k=[1, 3],
+               fc1_fc2_reduction=2, fc3_groups=2)
     sd = fmt.build(cfg).state_dict()
     assert fmt.matches(sd) and fmt.infer_config(sd) == cfg
     case = torch.load(HERE / "conformance" / "repmlp_block.pt", weights_only=True)

@@ -187,7 +187,8 @@ def test_infer_config_on_goldens(golden: str) -> None:
     detection = detect_format(case["state_dict"])
     assert detection.format.name == case["format"]
     stored = case["config"]
-    assert {k: detection.config[k] for k in STRUCTURAL if k in stored} == {k: stored[k] for k in STRUCTURAL if k in stored}
+    assert ({k: detection.config[k] for k in STRUCTURAL if k in stored}
+            == {k: stored[k] for k in STRUCTURAL if k in stored})
     model = load_checkpoint(case["state_dict"])  # no arch, no config: everything inferred
     with torch.no_grad():
         assert_close(model(case["input"]), case["output"])

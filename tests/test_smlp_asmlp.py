@@ -90,7 +90,8 @@ def test_asmlp_deploy_has_no_groupnorm_module_and_no_roll(monkeypatch: pytest.Mo
     # every remaining norm is named in the report
     left = {x.path for x in deploy.reparam_report.left}
     assert "patch_embed.norm" in left and "norm" in left
-    assert {f"layers.{i}.blocks.0.{w}" for i in range(4) for w in ("norm1", "norm2", "axial_shift.norm1", "axial_shift.norm2")} <= left
+    assert {f"layers.{i}.blocks.0.{w}" for i in range(4)
+            for w in ("norm1", "norm2", "axial_shift.norm1", "axial_shift.norm2")} <= left
     assert {f"layers.{i}.downsample.norm" for i in range(3)} <= left
     x = _input(model, 2, torch.float32)
     with torch.no_grad():

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
@@ -121,7 +121,8 @@ def test_detected_as_recorded(trained: Trained) -> None:
 def test_train_form_reproduces_recorded_top1(trained: Trained) -> None:
     assert len(trained.labels) == trained.entry["test_images"] == 10_000
     correct = int((trained.logits.argmax(1) == trained.labels).sum())
-    assert correct == trained.entry["test_correct"], f"{correct} of 10000 correct, recorded {trained.entry['test_correct']}"
+    assert correct == trained.entry["test_correct"], (
+        f"{correct} of 10000 correct, recorded {trained.entry['test_correct']}")
 
 
 def test_deploy_form_matches_train_form(trained: Trained, deploy: tuple[nn.Module, Tensor]) -> None:
@@ -131,7 +132,10 @@ def test_deploy_form_matches_train_form(trained: Trained, deploy: tuple[nn.Modul
 
 
 def _convert(trained: Trained, tmp_path: Path, to: str) -> Path:
-    """``vismlp-deploy convert FIXTURE --to TO --input-size 32``: the command a user runs; exit 0, stage proofs passed."""
+    """``vismlp-deploy convert FIXTURE --to TO --input-size 32``: the command a user runs.
+
+    Exit 0, so every stage proof passed.
+    """
     from vismlp_deploy.cli import main
 
     out = tmp_path / (trained.entry["file"].removesuffix(".pth") + (".deploy.pt" if to == "pt" else ".onnx"))

@@ -58,7 +58,8 @@ def _conv(case, dtype):
     assume(eff <= min(case["h"], case["w"]) + 2 * case["padding"])
     g = _gen(case["seed"])
     cin, out = case["cpg"] * case["groups"], case["opg"] * case["groups"]
-    w = torch.randn(out, case["cpg"], case["k"], case["k"], generator=g, dtype=torch.float64) / (case["cpg"] * case["k"] ** 2) ** 0.5
+    w = (torch.randn(out, case["cpg"], case["k"], case["k"], generator=g, dtype=torch.float64)
+         / (case["cpg"] * case["k"] ** 2) ** 0.5)
     b = torch.randn(out, generator=g, dtype=torch.float64) * 0.1 if case["bias"] else None
     x = torch.randn(2, cin, case["h"], case["w"], generator=g, dtype=torch.float64)
     kw = dict(stride=case["stride"], padding=case["padding"], dilation=case["dilation"], groups=case["groups"])
@@ -136,7 +137,8 @@ def test_fold_affine_before_and_after_linear(cin, out, tokens, seed, dtype):
     w = torch.randn(out, cin, generator=g, dtype=torch.float64).to(dtype)
     b = torch.randn(out, generator=g, dtype=torch.float64).to(dtype)
     x = torch.randn(2, tokens, cin, generator=g, dtype=torch.float64).to(dtype)
-    s, t = torch.rand(cin, generator=g, dtype=torch.float64).to(dtype) + 0.5, torch.randn(cin, generator=g, dtype=torch.float64).to(dtype)
+    s, t = (torch.rand(cin, generator=g, dtype=torch.float64).to(dtype) + 0.5,
+            torch.randn(cin, generator=g, dtype=torch.float64).to(dtype))
     w2, b2 = T.fold_affine_before(w, b, s, t)
     assert_close(F.linear(x, w2, b2), F.linear(x * s + t, w, b))
     ls = torch.rand(out, generator=g, dtype=torch.float64).to(dtype) + 0.2
@@ -279,7 +281,8 @@ def test_affine_through_linear_on_another_axis(b, c, n_in, n_out, axis, bias, sh
     t = _const(_bshape(full, {other, axis} if shift_varies else {other}), g, dtype) if shift else None
 
     def linear(v):  # along ``axis``
-        return F.linear(v.movedim(axis, -1), w.to(v.dtype), None if bvec is None else bvec.to(v.dtype)).movedim(-1, axis)
+        return F.linear(v.movedim(axis, -1), w.to(v.dtype),
+                        None if bvec is None else bvec.to(v.dtype)).movedim(-1, axis)
     ref = linear((x if s is None else s * x) + (0 if t is None else t))
     s2, table = T.affine_through_linear(w, bvec, s, t, axis, 3)
     mixed = F.linear(x.movedim(axis, -1), w).movedim(-1, axis)

@@ -68,12 +68,13 @@ def write_png(result: BenchResult, path: Path) -> None:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     dev = result.machine.get("gpu") or result.machine.get("cpu", "")
     # wrapped to the figure's width, and saved with a tight bounding box: nothing is clipped, one panel or many
-    title = f"images/s vs batch (dashed: train form, solid: deploy form) — {dev}, {result.machine.get('threads')} threads"
+    title = (f"images/s vs batch (dashed: train form, solid: deploy form) — {dev}, "
+             f"{result.machine.get('threads')} threads")
     fig.suptitle(textwrap.fill(title, width=int(16 * 4.2 * cols)), fontsize=10)
     fig.tight_layout()
     if handles:
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0), ncol=max(1, min(len(labels), 2 * cols)),
-                   fontsize=8, frameon=False)
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0),
+                   ncol=max(1, min(len(labels), 2 * cols)), fontsize=8, frameon=False)
     fig.savefig(path, dpi=110, format="png", bbox_inches="tight")
     plt.close(fig)
 
@@ -110,13 +111,15 @@ def write_markdown(result: BenchResult, path: Path, *, command: str, csv_name: s
     s = result.settings
     lines = ["# Benchmarks", "", *(intro or []),
              "## How these numbers were made", "", "```", command, "```", "",
-             f"- CPU: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs), {m.get('threads')} threads for torch and ONNX Runtime; "
-             f"1-minute load average at the start: {m.get('load_average')} (a value above the thread count would mean the CPUs were shared)",
-             *([f"- GPU: {m['gpu']} (CUDA {m.get('cuda')}, TF32 matmul {m.get('tf32_matmul')})"] if m.get("gpu") else []),
-             f"- {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}, "
-             f"onnx {m.get('onnx')}, vismlp-deploy {m.get('vismlp_deploy')}",
-             f"- GEMM peak measured in the same run, at its start and end (square `torch.mm`, and ONNX Runtime `MatMul` "
-             f"when it is benchmarked; best of kernels × sizes × repeats): {peaks}",
+             f"- CPU: {m.get('cpu')} ({m.get('cpu_count')} logical CPUs), {m.get('threads')} threads for torch and "
+             f"ONNX Runtime; 1-minute load average at the start: {m.get('load_average')} (a value above the thread "
+             "count would mean the CPUs were shared)",
+             *([f"- GPU: {m['gpu']} (CUDA {m.get('cuda')}, TF32 matmul {m.get('tf32_matmul')})"]
+               if m.get("gpu") else []),
+             f"- {m.get('platform')}, Python {m.get('python')}, torch {m.get('torch')}, "
+             f"onnxruntime {m.get('onnxruntime')}, onnx {m.get('onnx')}, vismlp-deploy {m.get('vismlp_deploy')}",
+             "- GEMM peak measured in the same run, at its start and end (square `torch.mm`, and ONNX Runtime "
+             f"`MatMul` when it is benchmarked; best of kernels × sizes × repeats): {peaks}",
              f"- timing: {s.get('warmup')} warm-up calls per form, then up to {s.get('repeats')} interleaved rounds "
              f"(at least {s.get('min_repeats')}, stopping after {s.get('max_time_s')} s per group); train and deploy "
              "forms alternate call by call, and `deploy/train` is the median of the per-round ratios (train time / "
@@ -127,7 +130,8 @@ def write_markdown(result: BenchResult, path: Path, *, command: str, csv_name: s
              *(["- ONNX Runtime sessions run with intra-op spinning off: the forms alternate call by call, and idle "
                 "threads spinning for the next call would take a core from the other form's session"]
                if "onnxruntime" in s.get("backends", ()) else []),
-             "- inputs: seeded N(0, 1) images at the model's input size; weights: `randomize_` (seed 0) for named configs",
+             "- inputs: seeded N(0, 1) images at the model's input size; "
+             "weights: `randomize_` (seed 0) for named configs",
              "- GFLOP/s: each form's own FLOPs per image (torch's FlopCounterMode, 2 per multiply-add; "
              "convolutions and matmuls only) × images/s",
              "", f"Raw data: [{csv_name}]({csv_name}).", "", f"![images per second vs batch size]({png_name})", ""]
@@ -135,8 +139,9 @@ def write_markdown(result: BenchResult, path: Path, *, command: str, csv_name: s
         lines += ["## Targets", "", *targets, ""]
     lines += ["## Results", "", *records_table(result), ""]
     if result.skipped:
-        lines += ["## Not measured", "", "| model | backend | precision | form | batch | reason |", "|---|---|---|---|---|---|"]
-        lines += [f"| {k.model} | {k.backend} | {k.precision} | {k.form} | {k.batch or 'all'} | {k.reason.replace('|', '/')} |"
-                  for k in result.skipped]
+        lines += ["## Not measured", "", "| model | backend | precision | form | batch | reason |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {k.model} | {k.backend} | {k.precision} | {k.form} | {k.batch or 'all'} "
+                  f"| {k.reason.replace('|', '/')} |" for k in result.skipped]
         lines.append("")
     path.write_text("\n".join(lines))

@@ -236,7 +236,8 @@ def _batches(cfg: SweepConfig, name: str) -> list[int]:
     return sorted({*cfg.batch_sizes, *cfg.extra_batch_sizes.get(name, ())})
 
 
-def _measure_group(source, family, backend, precision, batch, runners, flops, cfg: SweepConfig, result: BenchResult) -> None:
+def _measure_group(source, family, backend, precision, batch, runners, flops, cfg: SweepConfig,
+                   result: BenchResult) -> None:
     x = random_images(source.input_size, batch, cfg.seed)
     cands = {}
     for form, runner in runners.items():

@@ -125,19 +125,22 @@ def detect_format(state_dict: Mapping[str, Tensor]) -> Detection:
     if not fits:
         if tried:
             raise CheckpointError(f"cannot detect the architecture: {'; '.join(tried)}. Pass --arch (and --config)")
-        raise CheckpointError(f"no supported key layout matches this checkpoint (keys: {preview(sorted(state_dict), 4)}); "
+        raise CheckpointError("no supported key layout matches this checkpoint "
+                              f"(keys: {preview(sorted(state_dict), 4)}); "
                               "`vismlp-deploy zoo` lists the formats, --arch picks one")
     if len(fits) > 1:
         cands = "; ".join(f"{f.name} {c}" for f, c, _ in fits)
         raise CheckpointError(f"ambiguous checkpoint: it fits {len(fits)} formats ({cands}); pass --arch to choose")
     fmt, config, verified = fits[0]
     others = sum(1 for f in FORMATS.values() if f is not fmt)
-    check = f"all {len(state_dict)} tensors fit" if verified else "shapes not checked: the model cannot be built on the meta device"
+    check = (f"all {len(state_dict)} tensors fit" if verified
+             else "shapes not checked: the model cannot be built on the meta device")
     how = f"from key names and tensor shapes: only {fmt.name} fits ({others} other formats ruled out); {check}"
     return finish(fmt, config, state_dict, how, verified)
 
 
-def finish(fmt: CheckpointFormat, config: dict, state_dict: Mapping[str, Tensor], how: str, verified: bool) -> Detection:
+def finish(fmt: CheckpointFormat, config: dict, state_dict: Mapping[str, Tensor], how: str,
+           verified: bool) -> Detection:
     """Name the config (CONFIGS), let a same-format named config fill what weights cannot tell, add notes."""
     det = Detection(fmt, dict(config), how, "high" if verified else "low")
     match = match_named(fmt, config)
@@ -148,7 +151,8 @@ def finish(fmt: CheckpointFormat, config: dict, state_dict: Mapping[str, Tensor]
             det.config[k] = v
             det.notes.append(f"{k}={v!r}: not determined by the weights; taken from the named config {det.named}")
     assumed = fmt.assumptions(det.config) if fmt.assumptions else {}
-    det.notes += [f"{k}={det.config.get(k)!r}: {why}" for k, why in assumed.items() if k not in (match[2] if match else {})]
+    det.notes += [f"{k}={det.config.get(k)!r}: {why}" for k, why in assumed.items()
+                  if k not in (match[2] if match else {})]
     if det.notes and det.confidence == "high":
         det.confidence = "medium"
     return det

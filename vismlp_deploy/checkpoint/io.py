@@ -201,7 +201,8 @@ def _read_torch(path: Path, trust_pickle: bool, kind: str) -> tuple[Any, str]:
     try:
         # an open file, not the path: torch.load reads a path ending in .safetensors as safetensors
         with open(path, "rb") as f, torch.serialization.safe_globals(_SAFE_GLOBALS), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # torch's notes on pickle protocols: failures speak for themselves
+            # torch's notes on pickle protocols: failures speak for themselves
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(f, map_location="cpu", weights_only=True), container
     except Exception as e:  # noqa: BLE001 - weights_only runs no file code: any failure means a bad file
         needs = _code_needed(path, kind, e)
@@ -217,7 +218,8 @@ def _read_torch(path: Path, trust_pickle: bool, kind: str) -> tuple[Any, str]:
             # torch.load reads torch's own formats; a raw pickle.dump file has no torch header
             obj = pickle.load(f) if container == "raw pickle" else torch.load(f, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - arbitrary code ran; report whatever it raised
-        raise CheckpointError(f"{path}: cannot be loaded even with --trust-pickle ({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(f"{path}: cannot be loaded even with --trust-pickle "
+                              f"({type(e).__name__}: {first_line(e)})") from None
     if isinstance(obj, torch.nn.Module):
         return obj.state_dict(), f"pickled module {type(obj).__module__}.{type(obj).__qualname__}"
     return obj, f"{container} (unpickled with --trust-pickle)"
@@ -237,7 +239,8 @@ def _verify_zip(path: Path) -> None:
                     while f.read(1 << 24):  # ZipExtFile checks the CRC when it reaches the end
                         pass
     except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError, ValueError) as e:
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {first_line(e)})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint "
+                              f"({type(e).__name__}: {first_line(e)})") from None
     except OSError as e:
         raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
 
@@ -367,7 +370,8 @@ def unwrap(obj: Any, *, ema: bool = False) -> Checkpoint:
             raise CheckpointError("--ema asked for, but the file is a plain state_dict without EMA weights")
         sd, source = obj, "state_dict"
     else:
-        found = {k: inner for k in _EMA_WRAPPERS + _WRAPPERS if k in obj and (inner := _inner_state_dict(obj[k])) is not None}
+        found = {k: inner for k in _EMA_WRAPPERS + _WRAPPERS
+                 if k in obj and (inner := _inner_state_dict(obj[k])) is not None}
         emas = [k for k in _EMA_WRAPPERS if k in found]
         plain = [k for k in _WRAPPERS if k in found]
         top = ", ".join(map(str, list(obj)[:12]))

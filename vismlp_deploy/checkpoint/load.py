@@ -155,9 +155,11 @@ def build_and_load(fmt: CheckpointFormat, config: dict, state_dict: Mapping[str,
     try:
         mapped = dict(fmt.to_model_keys(state_dict))
     except (KeyError, ValueError, IndexError, TypeError) as e:
-        raise CheckpointError(f"the checkpoint keys do not follow the {fmt.name} layout ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"the checkpoint keys do not follow the {fmt.name} layout "
+                              f"({type(e).__name__}: {e})") from None
     expected = skeleton.state_dict()
-    problem = describe_mismatch({k: tuple(v.shape) for k, v in expected.items()}, {k: tuple(v.shape) for k, v in mapped.items()})
+    problem = describe_mismatch({k: tuple(v.shape) for k, v in expected.items()},
+                                {k: tuple(v.shape) for k, v in mapped.items()})
     if problem:
         raise CheckpointError(f"checkpoint does not fit {fmt.name} {config}: {problem}")
     filled = [k for k in expected if k not in mapped]  # only num_batches_tracked survive describe_mismatch

@@ -23,7 +23,8 @@ from .common import VERBOSITY, console
 COMMANDS = {
     "zoo": ("zoo_cmd", "list formats and named configs (params, GFLOPs); --init writes a random checkpoint"),
     "inspect": ("inspect_cmd", "what a model is and what converting it will fold, leave, and why"),
-    "convert": ("convert_cmd", "re-parameterize and export (pt, onnx, trt), proving every stage against the train form"),
+    "convert": ("convert_cmd",
+                "re-parameterize and export (pt, onnx, trt), proving every stage against the train form"),
     "verify": ("verify_cmd", "judge runners (train, deploy, ONNX Runtime, TensorRT …) against a reference"),
     "bench": ("bench_cmd", "images/s and latency per backend x form x batch x precision, against a measured GEMM peak"),
     "bench-zoo": ("bench_zoo_cmd", "bench every named config (train vs deploy) and write a report"),

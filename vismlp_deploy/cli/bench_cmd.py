@@ -50,7 +50,8 @@ def add_timing_arguments(p: argparse.ArgumentParser, defaults: dict) -> None:
     p.add_argument("--repeats", type=bounded_int(1, 100000), default=defaults["repeats"],
                    help=f"interleaved timed rounds (default {defaults['repeats']})")
     p.add_argument("--max-time", type=positive_float, default=defaults["max_time"],
-                   help=f"seconds after which a group stops repeating (at least 3 rounds; default {defaults['max_time']})")
+                   help="seconds after which a group stops repeating "
+                        f"(at least 3 rounds; default {defaults['max_time']})")
     p.add_argument("--cuda-graphs", action="store_true", help="CUDA torch runners: time CUDA graph replays")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
 
@@ -84,8 +85,8 @@ def sweep_settings(args: argparse.Namespace, defaults: dict = DEFAULTS) -> dict:
 
 
 def progress_bar(json: bool) -> Progress:
-    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, transient=True, disable=not live(json))
+    return Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True, disable=not live(json))
 
 
 def step_callback(progress: Progress):
@@ -144,8 +145,8 @@ def print_result(result) -> None:
     for r in result.records:
         ratio = ratios.get((r.model, r.backend, r.batch, r.precision)) if r.form == "deploy" else None
         lat = r.latency_ms
-        t.add_row(r.model, r.backend, r.precision, str(r.batch), r.form, f"{r.images_per_sec:.1f}", f"{lat['median']:.2f}",
-                  f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r.spread:.1%}",
+        t.add_row(r.model, r.backend, r.precision, str(r.batch), r.form, f"{r.images_per_sec:.1f}",
+                  f"{lat['median']:.2f}", f"{lat['p90']:.2f}", f"{lat['p99']:.2f}", f"{r.spread:.1%}",
                   "–" if r.gflops_per_sec is None else f"{r.gflops_per_sec:.1f}",
                   "–" if r.fraction_of_peak is None else f"{r.fraction_of_peak:.0%}",
                   "" if ratio is None else f"{ratio.deploy_over_train:.2f}x")

@@ -66,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
                            on_export=lambda name, total: progress.advance(exported) if exported is not None else None,
                            **settings)
     out.mkdir(exist_ok=True)
-    command = "vismlp-deploy " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-zoo"] else "vismlp-deploy bench-zoo"
+    command = ("vismlp-deploy " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["bench-zoo"]
+               else "vismlp-deploy bench-zoo")
     write_report(result, out, command, everything=len(names) == len(zoo_names()), force=args.force)
     if args.json:
         print_json(result.to_dict())
@@ -76,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_report(result, out: Path, command: str, *, everything: bool, force: bool, targets: list[str] | None = None) -> None:
+def write_report(result, out: Path, command: str, *, everything: bool, force: bool,
+                 targets: list[str] | None = None) -> None:
     """benchmarks.md/.csv/.png of a zoo sweep into ``out`` (``targets``: markdown lines of a project's own targets)."""
     from ..benchmark.report import write_csv, write_markdown, write_png
 

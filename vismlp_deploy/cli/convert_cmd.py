@@ -45,8 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                 "  vismlp-deploy convert model.onnx --to trt   (an existing ONNX: the engine only)")
     p.add_argument("--to", choices=sorted(SUFFIX), default="pt", help="artifact to produce (default pt)")
     out = p.add_mutually_exclusive_group()
-    out.add_argument("--out", type=Path, help="output path, one MODEL only (default: MODEL's name with the "
-                                              "artifact's suffix, beside it; --to trt also keeps the ONNX beside the engine)")
+    out.add_argument("--out", type=Path,
+                     help="output path, one MODEL only (default: MODEL's name with the artifact's suffix, beside it; "
+                          "--to trt also keeps the ONNX beside the engine)")
     out.add_argument("--out-dir", type=Path, help="directory for the outputs (default: beside each MODEL)")
     p.add_argument("--force", action="store_true", help="overwrite existing outputs")
     p.add_argument("--precision", choices=list(PRECISIONS), help="precision of the artifact: onnx fp32 or int8 (Q/DQ); "
@@ -60,10 +61,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="export a static batch of N instead of a dynamic one")
     batch.add_argument("--dynamic-batch", default="1:8:32", metavar="MIN:OPT:MAX",
                        help="dynamic batch; MIN:OPT:MAX is the TensorRT optimization profile (default 1:8:32)")
-    g.add_argument("--opset", type=int, choices=OPSETS, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
+    g.add_argument("--opset", type=int, choices=OPSETS, default=DEFAULT_OPSET,
+                   help=f"ONNX opset (default {DEFAULT_OPSET})")
     g.add_argument("--no-simplify", action="store_true", help="skip onnxsim")
     g.add_argument("--workspace-gib", type=bounded_int(1, 1024), default=4, help="TensorRT workspace limit (default 4)")
-    g.add_argument("--timing-cache", type=Path, help="TensorRT timing cache file (default: per version/GPU in ~/.cache)")
+    g.add_argument("--timing-cache", type=Path,
+                   help="TensorRT timing cache file (default: per version/GPU in ~/.cache)")
     add_calibration_arguments(p)
 
 
@@ -193,14 +196,17 @@ def _convert(args: argparse.Namespace, plan: dict, profile, doc: dict, quiet: bo
     doc.update({"model": plan["spec"], "to": args.to, "precision": precision, "artifacts": {}, "timings": {}})
     proofs: list[Comparison] = []
     with ExitStack() as stack:
-        progress = stack.enter_context(Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False), TimeElapsedColumn(),
-                                                console=console, transient=True, disable=quiet or not live(args.json)))
+        progress = stack.enter_context(Progress(SpinnerColumn(), TextColumn("{task.description}", markup=False),
+                                                TimeElapsedColumn(), console=console, transient=True,
+                                                disable=quiet or not live(args.json)))
         stage = _Stages(doc, progress)
         source: Source = stage(f"loading {plan['spec']}", "load_s", lambda: load_model(args, plan["spec"]))
         if source.kind == "onnx" and args.to != "trt" and not (args.to == "onnx" and precision == "int8"):
-            raise UserError(f"{source.name} is already an ONNX model: convert it --to trt, or --to onnx --precision int8")
+            raise UserError(f"{source.name} is already an ONNX model: "
+                            "convert it --to trt, or --to onnx --precision int8")
         if source.kind == "deploy artifact" and args.to == "pt":
-            raise UserError(f"{source.name} is already a deploy artifact (.deploy.pt); convert it --to onnx or --to trt")
+            raise UserError(f"{source.name} is already a deploy artifact (.deploy.pt); "
+                            "convert it --to onnx or --to trt")
         check_batch_memory(args, source, max(args.proof_batch, args.static_batch or 2))
         deploy = stage("re-parameterizing", "reparameterize_s", lambda: source.deploy)
         model = source.train or deploy
@@ -278,7 +284,8 @@ def _onnx_stage(args, doc, deploy, onnx_out: Path, stage, prove, keep: bool) -> 
         doc["artifacts"]["onnx"] = str(onnx_out)
     doc["onnx"] = info.to_dict()
     runner = OrtRunner(onnx_out, "cpu")
-    stage("proving ONNX Runtime", "prove_onnx_s", lambda: prove("onnxruntime (cpu fp32)", runner.run, "fp32", (onnx_out,)))
+    stage("proving ONNX Runtime", "prove_onnx_s",
+          lambda: prove("onnxruntime (cpu fp32)", runner.run, "fp32", (onnx_out,)))
 
 
 def _int8_stage(args, doc, source: Source, fp32_onnx: Path, int8_out: Path, stage, prove) -> Path:
@@ -294,7 +301,8 @@ def _int8_stage(args, doc, source: Source, fp32_onnx: Path, int8_out: Path, stag
     doc["artifacts"]["onnx_int8"] = str(int8_out)
     doc["int8"] = result.to_dict()
     runner = OrtRunner(int8_out, "cpu")
-    stage("proving the int8 graph", "prove_int8_s", lambda: prove("onnxruntime (cpu int8)", runner.run, "int8", (int8_out,)))
+    stage("proving the int8 graph", "prove_int8_s",
+          lambda: prove("onnxruntime (cpu int8)", runner.run, "int8", (int8_out,)))
     if not result.passed:
         int8_out.unlink(missing_ok=True)
         raise VerificationError(f"int8 agreement {result.agreement:.2%} < {args.min_agreement:.0%} on held-out "
@@ -332,7 +340,8 @@ def _finish(args, doc: dict, source: Source, proofs: list[Comparison], quiet: bo
     if "onnx" in doc:
         o = doc["onnx"]
         say(f"ONNX: opset {o['opset']}, {o['exporter']} exporter, {o['nodes']} nodes, "
-            f"{'simplified' if o['simplified'] else 'not simplified'}, {'dynamic' if o['dynamic_batch'] else 'static'} batch")
+            f"{'simplified' if o['simplified'] else 'not simplified'}, "
+            f"{'dynamic' if o['dynamic_batch'] else 'static'} batch")
     if "int8" in doc:
         q = doc["int8"]
         say(f"int8: agreement {q['agreement']:.2%} on {q['holdout']} held-out images; "

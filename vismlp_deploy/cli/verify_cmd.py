@@ -40,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", metavar="CHECKPOINT",
                    help="judge MODEL (an .onnx file, a deploy artifact) against this checkpoint's train form")
     p.add_argument("--images", default="default",
-                   help="folder of real images, 'default' (scikit-image samples if installed, else matplotlib's), or 'none'")
+                   help="folder of real images, 'default' (scikit-image samples if installed, else matplotlib's), "
+                        "or 'none'")
     p.add_argument("--proof-batch", type=bounded_int(1, 4096), default=8, help="random images (default 8)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="precision of the candidates "
                                                                                   "(the reference runs fp32)")

@@ -96,5 +96,6 @@ def _init(args: argparse.Namespace) -> int:
     if args.json:
         print_json(info)
     else:
-        say(f"wrote {out}: {args.init} ({model.arch}), {info['params']:,} parameters, random weights (seed {args.seed})")
+        say(f"wrote {out}: {args.init} ({model.arch}), {info['params']:,} parameters, "
+            f"random weights (seed {args.seed})")
     return 0

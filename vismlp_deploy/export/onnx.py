@@ -83,8 +83,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAU
                             simplify=simplify, metadata=metadata).path
 
 
-def export_onnx_info(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET, dynamic_batch: bool = True,
-                     batch: int = 1, simplify: bool = True, metadata: dict | None = None) -> OnnxExport:
+def export_onnx_info(model: nn.Module, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+                     dynamic_batch: bool = True, batch: int = 1, simplify: bool = True,
+                     metadata: dict | None = None) -> OnnxExport:
     """:func:`export_onnx`, returning what happened (exporter, simplification, node counts)."""
     path = Path(path)
     if opset not in OPSETS:
@@ -221,7 +222,8 @@ def load_proto(path: str | os.PathLike) -> onnx.ModelProto:
     except OSError as e:
         raise UserError(f"cannot read {path}: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and kin: whatever the bytes are, not a model
-        raise UserError(f"{path}: not a readable ONNX model, truncated or corrupt ({type(e).__name__}: {first_line(e)})") from None
+        raise UserError(f"{path}: not a readable ONNX model, truncated or corrupt "
+                        f"({type(e).__name__}: {first_line(e)})") from None
     if not proto.ir_version or not proto.graph.node or not proto.graph.output:
         raise UserError(f"{path}: not an ONNX model (it decodes, but holds no graph)")
     return proto
@@ -264,8 +266,8 @@ def onnx_summary(path: str | os.PathLike) -> dict:
 
     def dims(v) -> list:
         return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in v.type.tensor_type.shape.dim]
-    return {"nodes": sum(counts.values()), "op_counts": counts, "opset": max((o.version for o in proto.opset_import
-                                                                             if o.domain in ("", "ai.onnx")), default=None),
+    return {"nodes": sum(counts.values()), "op_counts": counts,
+            "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None),
             "inputs": {i.name: dims(i) for i in proto.graph.input if i.name not in inits},
             "outputs": {o.name: dims(o) for o in proto.graph.output},
             "quantized": counts.get("QuantizeLinear", 0) > 0}

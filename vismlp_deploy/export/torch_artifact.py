@@ -47,7 +47,8 @@ def load_deploy(path: str | Path, max_memory: int | None = None) -> nn.Module:
         raise CheckpointError(f"{path} is not a deploy model written by vismlp-deploy (form={meta.get('form')!r})")
     missing = [k for k in ("arch", "config", "input_size") if meta.get(k) is None]
     if missing:
-        raise CheckpointError(f"{path}: the deploy model's metadata lacks {', '.join(missing)}; re-run `vismlp-deploy convert`")
+        raise CheckpointError(f"{path}: the deploy model's metadata lacks {', '.join(missing)}; "
+                              "re-run `vismlp-deploy convert`")
     fmt = get_format(meta["arch"])
     input_size = tuple(meta["input_size"])
     try:
@@ -61,6 +62,7 @@ def load_deploy(path: str | Path, max_memory: int | None = None) -> nn.Module:
     try:
         deploy.load_state_dict(ckpt.state_dict, strict=True)
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: deploy weights do not fit the rebuilt deploy structure ({str(e).splitlines()[0]})") from None
+        raise CheckpointError(f"{path}: deploy weights do not fit the rebuilt deploy structure "
+                              f"({str(e).splitlines()[0]})") from None
     deploy.arch, deploy.config, deploy.input_size = meta["arch"], meta["config"], input_size
     return deploy.eval()

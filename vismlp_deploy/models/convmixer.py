@@ -94,11 +94,13 @@ class ConvMixer(nn.Module):
             raise ValueError("padding='same' with an even kernel_size is asymmetric; not supported")
         self.act_name = act_layer
         self.fixed_input_size: tuple[int, int] | None = None
-        self.stem = nn.Sequential(nn.Conv2d(in_chans, dim, patch_size, stride=patch_size), _act(act_layer), nn.BatchNorm2d(dim))
+        self.stem = nn.Sequential(nn.Conv2d(in_chans, dim, patch_size, stride=patch_size), _act(act_layer),
+                                  nn.BatchNorm2d(dim))
         self.blocks = nn.Sequential(*[
             nn.Sequential(
                 Residual(nn.Sequential(
-                    nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"), _act(act_layer), nn.BatchNorm2d(dim))),
+                    nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"), _act(act_layer),
+                    nn.BatchNorm2d(dim))),
                 nn.Conv2d(dim, dim, 1), _act(act_layer), nn.BatchNorm2d(dim))
             for _ in range(depth)
         ])
@@ -137,7 +139,8 @@ class ConvMixer(nn.Module):
             scale = None if bool((m == 1).all()) else m.to(dw.weight.dtype)
             shift = None if bool((c == 0).all()) else c.to(dw.weight.dtype)
             if scale is not None:
-                ctx.left(f"{where}.scale", "BatchNorm2d scale ratio (per-channel multiply)", _scale_reason(relu, sigma, gamma))
+                ctx.left(f"{where}.scale", "BatchNorm2d scale ratio (per-channel multiply)",
+                         _scale_reason(relu, sigma, gamma))
             if shift is not None:
                 ctx.left(f"{where}.shift", "BatchNorm2d shift (per-channel add)",
                          "it enters the zero-padded depthwise conv, whose border taps read 0, not the "
@@ -282,7 +285,8 @@ def _named_activation(dim: int, depth: int, kernel_size: int, patch_size: int) -
     """(activation, config name) of the named config with these shapes, if any."""
     for nc in CONFIGS.values():
         c = nc.config
-        if nc.format == "timm-convmixer" and (c["dim"], c["depth"], c["kernel_size"], c["patch_size"]) == (dim, depth, kernel_size, patch_size):
+        if (nc.format == "timm-convmixer"
+                and (c["dim"], c["depth"], c["kernel_size"], c["patch_size"]) == (dim, depth, kernel_size, patch_size)):
             return c["act_layer"], nc.name
     return None
 
@@ -349,7 +353,8 @@ def _official_matches(sd: StateDict) -> bool:
 
 
 def _timm_matches(sd: StateDict) -> bool:
-    return "stem.0.weight" in sd and "stem.2.running_var" in sd and all(k.split(".")[0] in ("stem", "blocks", "head") for k in sd)
+    return ("stem.0.weight" in sd and "stem.2.running_var" in sd
+            and all(k.split(".")[0] in ("stem", "blocks", "head") for k in sd))
 
 
 def _infer(sd: StateDict, official: bool) -> dict:
@@ -370,7 +375,8 @@ def _infer(sd: StateDict, official: bool) -> dict:
     if official:
         if in_chans != 3:
             raise CheckpointError("the locuslab ConvMixer has 3 input channels")
-        return {"dim": dim, "depth": depth, "kernel_size": ks, "patch_size": kh, "n_classes": num_classes, "act_layer": act}
+        return {"dim": dim, "depth": depth, "kernel_size": ks, "patch_size": kh, "n_classes": num_classes,
+                "act_layer": act}
     return {"dim": dim, "depth": depth, "kernel_size": ks, "patch_size": kh, "in_chans": in_chans,
             "num_classes": num_classes, "act_layer": act}
 

@@ -164,7 +164,8 @@ class ConvMLPBlock(nn.Module):
                      "scale alone would leave a per-channel affine in the same place")
         elif ln.weight is not None:
             w, _ = T.fold_affine_before(self.connect.weight, None, ln.weight, None, groups=self.connect.groups)
-            bias_map = T.shift_bias_map(self.connect.weight, ln.bias if ln.bias is not None else torch.zeros_like(ln.weight),
+            bias_map = T.shift_bias_map(self.connect.weight,
+                                        ln.bias if ln.bias is not None else torch.zeros_like(ln.weight),
                                         self.fixed_hw, groups=self.connect.groups, padding=self.connect.padding)
             self.connect = clone_conv(self.connect, w, None)
             self.connect_bias = nn.Parameter(bias_map.unsqueeze(0))

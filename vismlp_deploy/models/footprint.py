@@ -103,7 +103,8 @@ def build_on_meta(fmt: CheckpointFormat, config: Mapping[str, Any]) -> nn.Module
     except _TooManyTensors as e:
         raise UserError(f"building {fmt.name} with this config stopped: it {e}") from None
     except Exception as e:  # noqa: BLE001 - any failure of a constructor means a config it does not accept
-        raise UserError(f"cannot build {fmt.name} with config {dict(config)}: {type(e).__name__}: {first_line(e)}") from None
+        raise UserError(f"cannot build {fmt.name} with config {dict(config)}: "
+                        f"{type(e).__name__}: {first_line(e)}") from None
     return model.eval()
 
 
@@ -151,7 +152,8 @@ def input_size_of(fmt: CheckpointFormat, config: Mapping[str, Any]) -> tuple[int
     try:
         return tuple(fmt.input_size(dict(config)))
     except Exception as e:  # noqa: BLE001 - a config the family cannot size
-        raise UserError(f"cannot tell the input size of {fmt.name} with config {dict(config)}: {first_line(e)}") from None
+        raise UserError(f"cannot tell the input size of {fmt.name} with config {dict(config)}: "
+                        f"{first_line(e)}") from None
 
 
 # --------------------------------------------------------------------------- the limit
@@ -221,8 +223,8 @@ def format_bytes(n: float) -> str:
     """``1.5 GiB``, ``320.0 MiB``; binary units."""
     if abs(n) < 1024:
         return f"{n:.0f} B"
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
+    for unit in ("KiB", "MiB", "GiB"):
         n /= 1024
         if abs(n) < 1024:
-            break
-    return f"{n:.1f} {unit}"
+            return f"{n:.1f} {unit}"
+    return f"{n / 1024:.1f} TiB"

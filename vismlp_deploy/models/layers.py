@@ -62,7 +62,8 @@ def fuse_conv_bn(conv: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> nn.Mod
 class ConvBN(nn.Sequential):
     """``conv`` then ``bn`` (keys ``conv.*``, ``bn.*``); deploys as one conv with bias."""
 
-    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, groups: int = 1, bias: bool = False):
+    def __init__(self, cin: int, cout: int, k: int, stride: int = 1, padding: int = 0, groups: int = 1,
+                 bias: bool = False):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, k, stride, padding, groups=groups, bias=bias)
         self.bn = nn.BatchNorm2d(cout)

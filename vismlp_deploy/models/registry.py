@@ -93,7 +93,8 @@ def register_config(name: str, format: str, description: str = "", **config) -> 
     return CONFIGS[name]
 
 
-def at_input_size(fmt: CheckpointFormat, config: dict, size: int | tuple[int, int] | None) -> tuple[dict, tuple[int, int, int]]:
+def at_input_size(fmt: CheckpointFormat, config: dict,
+                  size: int | tuple[int, int] | None) -> tuple[dict, tuple[int, int, int]]:
     """(config, (C, H, W)) of ``fmt``'s network at input ``size`` (H, W); channels stay the config's.
 
     ``size`` None keeps the config's own size. A size the network cannot take is a UserError

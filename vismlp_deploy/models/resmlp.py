@@ -229,7 +229,8 @@ class ResMLP(PatchMlpNet):
                  embed_dim: int = 384, depth: int = 12, mlp_ratio: float = 4, init_values: float = 1e-4):
         seq_len = token_count(img_size, patch_size)
         super().__init__(patch_size, in_chans, num_classes, embed_dim,
-                         [ResBlock(embed_dim, seq_len, mlp_ratio, init_values) for _ in range(depth)], Affine(embed_dim))
+                         [ResBlock(embed_dim, seq_len, mlp_ratio, init_values) for _ in range(depth)],
+                         Affine(embed_dim))
 
     def final_affine(self) -> tuple[Tensor, Tensor, str, nn.Module]:
         return self.norm.alpha.reshape(-1), self.norm.beta.reshape(-1), "Affine", nn.Identity()
@@ -355,7 +356,8 @@ register_format(
 )
 register_format(
     "official-deit-resmlp", family="resmlp", build=build_deit, infer_config=infer_deit, input_size=fixed_input_size,
-    resize=resize_img_size, to_model_keys=deit_to_timm_keys, matches=has_keys("patch_embed.proj.weight", "blocks.0.attn.weight", "blocks.0.gamma_1"),
+    resize=resize_img_size, to_model_keys=deit_to_timm_keys,
+    matches=has_keys("patch_embed.proj.weight", "blocks.0.attn.weight", "blocks.0.gamma_1"),
     description="ResMLP, facebookresearch/deit resmlp_models.py keys",
 )
 

@@ -113,7 +113,8 @@ class DeployTokenMix(nn.Module):
 class FeedForward(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0))
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim),
+                                 nn.Dropout(0.0))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
@@ -159,7 +160,8 @@ class SMLPNet(nn.Module):
         for i, depth in enumerate(depths):
             c = dim * 2 ** i
             side = image_size // patch_size // 2 ** i
-            stem = nn.Conv2d(in_chans, c, patch_size, patch_size, bias=False) if i == 0 else nn.Conv2d(c // 2, c, 2, 2, bias=False)
+            stem = (nn.Conv2d(in_chans, c, patch_size, patch_size, bias=False) if i == 0
+                    else nn.Conv2d(c // 2, c, 2, 2, bias=False))
             self.to_patch_embedding.append(nn.Sequential(stem))
             for _ in range(depth):
                 self.token_mix.append(TokenMix(side, c))
@@ -211,7 +213,8 @@ def _infer_config(sd: StateDict) -> dict:
         raise CheckpointError(f"sMLPNet checkpoint lacks {e}") from None
     dim, patch = stem.shape[0], stem.shape[-1]
     n_stages = sum(1 for k in sd if k.startswith("to_patch_embedding.") and k.endswith(".0.weight"))
-    widths = [sd[f"token_mix.{n}.1.fuse.weight"].shape[0] for n in range(sum(1 for k in sd if k.endswith(".1.fuse.weight")))]
+    widths = [sd[f"token_mix.{n}.1.fuse.weight"].shape[0]
+              for n in range(sum(1 for k in sd if k.endswith(".1.fuse.weight")))]
     depths = [sum(1 for c in widths if c == dim * 2 ** i) for i in range(n_stages)]
     if sum(depths) != len(widths):
         raise CheckpointError(f"sMLPNet stage widths {sorted(set(widths))} do not double from {dim}")

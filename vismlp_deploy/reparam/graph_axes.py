@@ -219,7 +219,8 @@ def _is_shape_op(node: fx.Node) -> bool:
     """Ops that only move or average elements: commute with a scalar affine in any case."""
     tgt = node.target
     if node.op == "call_method":
-        return tgt in _RESHAPES_M | {"permute", "transpose"} or (tgt == "mean" and len(node.args) + len(node.kwargs) > 1)
+        return (tgt in _RESHAPES_M | {"permute", "transpose"}
+                or (tgt == "mean" and len(node.args) + len(node.kwargs) > 1))
     return node.op == "call_function" and (
         tgt in _RESHAPES_F | {torch.permute, torch.transpose, F.adaptive_avg_pool2d, einops.rearrange}
         or (tgt is torch.mean and len(node.args) + len(node.kwargs) > 1)

@@ -70,7 +70,8 @@ def _report_remaining_norms(deploy: nn.Module, report: ReparamReport) -> None:
     known = {x.path for x in report.left}
     for path, mod in deploy.named_modules():
         if isinstance(mod, _NORMS) and path not in known:
-            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and not getattr(mod, "elementwise_affine", getattr(mod, "affine", False)):
+            if (isinstance(mod, (nn.LayerNorm, nn.GroupNorm))
+                    and not getattr(mod, "elementwise_affine", getattr(mod, "affine", False))):
                 reason = "normalization without affine (statistics are computed at run time)"
             else:
                 reason = "no exact fold applies at this position"

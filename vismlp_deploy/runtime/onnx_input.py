@@ -28,7 +28,8 @@ def check_onnx_input(path: Path, max_memory: int | None = None) -> tuple[int, in
     max_memory: bytes the weights plus the batch-1 activations may take (None: half the available memory).
     """
     if path.stat().st_size > _PROTOBUF_LIMIT:
-        raise UserError(f"{path}: {format_bytes(path.stat().st_size)} is beyond protobuf's 2 GiB limit: not an ONNX model")
+        raise UserError(f"{path}: {format_bytes(path.stat().st_size)} is beyond protobuf's 2 GiB limit: "
+                        "not an ONNX model")
     proto = load_proto(path)
     try:
         onnx.checker.check_model(str(path))  # from the path: handles external data
@@ -39,9 +40,10 @@ def check_onnx_input(path: Path, max_memory: int | None = None) -> tuple[int, in
     activations = _activation_peak(path, proto, size)
     limit, how = resolve_limit(max_memory)
     if limit is not None and weights + activations > limit:
-        raise UserError(f"{path}: running it at input {'x'.join(map(str, size))} needs about {format_bytes(weights + activations)} "
-                        f"({format_bytes(weights)} weights + {format_bytes(activations)} activations at batch 1), more than "
-                        f"the memory limit of {format_bytes(limit)} ({how}); pass max_memory (--max-memory) to raise the limit")
+        raise UserError(f"{path}: running it at input {'x'.join(map(str, size))} needs about "
+                        f"{format_bytes(weights + activations)} ({format_bytes(weights)} weights + "
+                        f"{format_bytes(activations)} activations at batch 1), more than the memory limit of "
+                        f"{format_bytes(limit)} ({how}); pass max_memory (--max-memory) to raise the limit")
     return size
 
 
@@ -62,10 +64,12 @@ def _input_size(path: Path, proto: onnx.ModelProto) -> tuple[int, int, int]:
         return tuple(static)
     if not (isinstance(declared, list) and len(declared) == 3
             and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in declared)):
-        raise UserError(f"{path}: corrupt vismlp_deploy metadata: input_size is {declared!r}, not three positive integers")
+        raise UserError(f"{path}: corrupt vismlp_deploy metadata: input_size is {declared!r}, "
+                        "not three positive integers")
     if any(s is not None and s != n for s, n in zip(static, declared)):
         graph = "x".join("?" if s is None else str(s) for s in static)
-        raise UserError(f"{path}: the metadata declares input {'x'.join(map(str, declared))} but the graph takes {graph}")
+        raise UserError(f"{path}: the metadata declares input {'x'.join(map(str, declared))} "
+                        f"but the graph takes {graph}")
     return tuple(declared)
 
 
@@ -79,7 +83,8 @@ def _activation_peak(path: Path, proto: onnx.ModelProto, size: tuple[int, int, i
     try:
         inferred = shape_inference.infer_shapes(probe, strict_mode=True, data_prop=True).graph
     except Exception as e:  # noqa: BLE001 - InferenceError: the graph cannot take this input
-        raise UserError(f"{path}: the graph cannot take an input of 1x{'x'.join(map(str, size))} ({first_line(e)})") from None
+        raise UserError(f"{path}: the graph cannot take an input of 1x{'x'.join(map(str, size))} "
+                        f"({first_line(e)})") from None
     shapes = {v.name: (v.type.tensor_type.elem_type, [d.dim_value if d.HasField("dim_value") else None
                                                       for d in v.type.tensor_type.shape.dim])
               for v in [*inferred.value_info, *inferred.output, image]}

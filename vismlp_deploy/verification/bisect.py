@@ -80,7 +80,8 @@ def _record(model: nn.Module, names: list[str], x: Tensor) -> tuple[dict[str, Te
     return seen, y
 
 
-def bisect(train: nn.Module, deploy: nn.Module, x: Tensor, tolerance: float = PRECISIONS["fp32"].tolerance) -> BisectResult:
+def bisect(train: nn.Module, deploy: nn.Module, x: Tensor,
+           tolerance: float = PRECISIONS["fp32"].tolerance) -> BisectResult:
     """Compare ``deploy`` against ``train`` at every shared boundary on input ``x`` (N, C, H, W)."""
     deploy_modules = dict(deploy.named_modules())
     train_modules = dict(train.named_modules())
@@ -94,7 +95,8 @@ def bisect(train: nn.Module, deploy: nn.Module, x: Tensor, tolerance: float = PR
         elif name not in got:
             result.boundaries.append(Boundary(name, None, "not called in the deploy form"))
         elif got[name].shape != ref[name].shape:
-            result.boundaries.append(Boundary(name, None, f"shapes differ {tuple(got[name].shape)} vs {tuple(ref[name].shape)}"))
+            result.boundaries.append(Boundary(name, None,
+                                              f"shapes differ {tuple(got[name].shape)} vs {tuple(ref[name].shape)}"))
         else:
             s = compare(got[name], ref[name])
             result.boundaries.append(Boundary(name, s, diverged=not s.passed(tolerance)))

@@ -212,7 +212,8 @@ def verify(model: nn.Module | str | os.PathLike | Source, runners: tuple[str, ..
         for i, (name, src) in enumerate(plan):
             backend, form = parse_runner(name)
             try:
-                built.append(active.enter_context(factories[id(src)].runner(backend, form, "fp32" if i == 0 else precision)))
+                built.append(active.enter_context(
+                    factories[id(src)].runner(backend, form, "fp32" if i == 0 else precision)))
             except Unavailable as e:
                 raise UserError(f"runner {name}: {e}") from None
         for set_name, x in sets.items():

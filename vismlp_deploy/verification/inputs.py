@@ -33,7 +33,8 @@ def input_sets(input_size: tuple[int, int, int], *, batch: int = 8, seed: int = 
             if x.dim() != 4 or tuple(x.shape[1:]) != tuple(input_size) or not x.is_floating_point():
                 raise UserError(f"{load}: input set {name!r} has shape {tuple(x.shape)}; the model takes "
                                 f"(N, {', '.join(map(str, input_size))}) floats")
-        return {k: x.float() for k, x in sets.items()}, {k: f"{len(x)} inputs loaded from {load}" for k, x in sets.items()}
+        return ({k: x.float() for k, x in sets.items()},
+                {k: f"{len(x)} inputs loaded from {load}" for k, x in sets.items()})
     sets = {"random": random_images(input_size, batch, seed)}
     about = {"random": f"{batch} seeded N(0, 1) images (seed {seed})"}
     if images is not None:
@@ -49,7 +50,8 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}
     except (OSError, ValueError, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npz file ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise UserError(f"{path}: not a readable .npz file "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not arrays:
         raise UserError(f"{path}: the .npz file holds no arrays")
     return arrays
