@@ -1,10 +1,16 @@
 """Polygraphy-style comparison statistics between a reference output and a candidate."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
+
+from ..precision import Precision
+
+SQNR_CAP_DB = 300.0  # reported for identical outputs (no noise at all): finite, so JSON stays valid
+
 
 @dataclass
 class Stats:
@@ -16,12 +22,26 @@ class Stats:
     rel: float  # max|y - ref| / max|ref|: the numerics policy's measure
     max_elementwise_rel: float
     cosine: float  # worst per-sample cosine similarity
+    sqnr_db: float  # 10 log10(sum ref^2 / sum (y - ref)^2) over all outputs; SQNR_CAP_DB when identical
     top1: float  # fraction of samples with the same argmax
     top5: float | None
     n: int
 
     def passed(self, tol: float) -> bool:
         return self.rel <= tol
+
+    def unmet(self, precision: Precision) -> list[str]:
+        """The targets of ``precision`` this comparison misses, one readable phrase each (empty: all met).
+
+        The relative error is always judged; top-1 agreement, worst cosine and SQNR where the
+        precision sets a target (the low precisions, see :mod:`vismlp_deploy.precision`).
+        """
+        p = precision
+        checks = [("rel err", self.rel, p.tolerance, False), ("top-1 agreement", self.top1, p.min_top1, True),
+                  ("cosine", self.cosine, p.min_cosine, True), ("SQNR dB", self.sqnr_db, p.min_sqnr_db, True)]
+        return [f"{name} {value:.4g} {'<' if at_least else '>'} {target:g}"
+                for name, value, target, at_least in checks
+                if target is not None and (value < target if at_least else value > target)]
 
     @property
     def min_tolerance(self) -> float:
@@ -40,6 +60,8 @@ def compare(y: Tensor, ref: Tensor) -> Stats:
     n = y.shape[0]
     yf, rf = y.reshape(n, -1), ref.reshape(n, -1)
     cos = torch.nn.functional.cosine_similarity(yf, rf, dim=1, eps=1e-300)
+    signal, noise = ref.square().sum().item(), (y - ref).square().sum().item()
+    sqnr = SQNR_CAP_DB if noise <= signal * 10 ** (-SQNR_CAP_DB / 10) else 10 * math.log10(signal / noise)
     top1 = (yf.argmax(1) == rf.argmax(1)).double().mean().item()
     top5 = None
     if yf.shape[1] >= 5:
@@ -52,6 +74,7 @@ def compare(y: Tensor, ref: Tensor) -> Stats:
         rel=(diff.max() / ref.abs().max().clamp_min(1e-300)).item(),
         max_elementwise_rel=(diff / ref.abs().clamp_min(1e-12)).max().item(),
         cosine=cos.min().item(),
+        sqnr_db=sqnr,
         top1=top1,
         top5=top5,
         n=n,
