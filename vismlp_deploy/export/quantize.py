@@ -417,8 +417,8 @@ def route_float(proto: onnx.ModelProto, active: set[str] | None = None,
     rounding to the residual stream and run a DequantizeLinear of its own. The Q/DQ pair on
     the *output* of an active Conv stays for everyone: ``QLinearConv`` returns int8, so its
     consumers read the dequantized value in any case. A GEMM-like node routed to float (not
-    in ``active``) also gets its float weights back from ``float_initializers`` (by the
-    name the quantizer gives the DequantizeLinear output: the float tensor's own name).
+    in ``active``) also gets its float weights back from ``float_initializers`` (by name:
+    the quantizer names a quantized weight ``<float name>_quantized``).
     """
     g = proto.graph
     producer = {o: n for n in g.node for o in n.output}
@@ -436,9 +436,9 @@ def route_float(proto: onnx.ModelProto, active: set[str] | None = None,
             before = producer.get(src.input[0])
             if before is None or before.name not in active or before.op_type not in INT8_OP_TYPES:
                 reroute[dq.output[0]] = src.input[0]
-        elif dq.input[0] in consts and float_initializers and dq.output[0] in float_initializers:
-            weight = copy.copy(float_initializers[dq.output[0]])
-            weight.name = f"{dq.output[0]}_float"
+        elif dq.input[0] in consts and float_initializers and _float_name(dq.input[0]) in float_initializers:
+            weight = copy.copy(float_initializers[_float_name(dq.input[0])])
+            weight.name = f"{_float_name(dq.input[0])}_float"
             restored[weight.name] = weight
             reroute[dq.output[0]] = weight.name
     for n in g.node:
@@ -447,6 +447,12 @@ def route_float(proto: onnx.ModelProto, active: set[str] | None = None,
     used = {i for n in g.node for i in n.input}
     g.initializer.extend(t for name, t in restored.items() if name in used)
     _drop_dead_nodes(g)
+
+
+def _float_name(quantized: str) -> str:
+    from onnxruntime.quantization.quant_utils import TENSOR_NAME_QUANT_SUFFIX
+
+    return quantized.removesuffix(TENSOR_NAME_QUANT_SUFFIX)
 
 
 def _drop_dead_nodes(g: onnx.GraphProto) -> None:
