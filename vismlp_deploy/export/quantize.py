@@ -14,7 +14,10 @@ Q/DQ pairs are placed follows what the int8 kernels of ONNX Runtime's CPU provid
 - Gemm / MatMul outputs stay float (``QGemm`` / ``MatMulIntegerToFloat`` return float);
   Conv outputs are quantized, since ``QLinearConv`` (the only int8 conv) returns int8.
 - A MatMul whose constant weight is the *left* operand (token mixing, ``W @ x``) has no int8
-  kernel in the CPU provider (it takes int8 weights only on the right) and stays float.
+  kernel in the CPU provider (int8 weights go on the right; s8 x u8 does not exist), so it is
+  rewritten exactly as ``(x^T @ W^T)^T`` first (:func:`_left_weights_to_right`); ONNX Runtime
+  cancels the transposes that meet between consecutive ones (Mixer's token MLP keeps two).
+  One whose input rank is unknown stays float.
 - A batched weight (S, K, N) cannot carry per-(set, column) scales in one standard
   DequantizeLinear, and ``MatMulIntegerToFloat`` rejects per-axis scales on it. So each
   column's range is factored out exactly first (:func:`_factor_batched_weight_scales`:
@@ -232,6 +235,7 @@ class _Workdir:
         self.float_path = tmp / "float.onnx"
         _pre_process(onnx_path, self.float_path)
         proto = onnx.load(str(self.float_path))
+        _left_weights_to_right(proto)
         self.overrides = _factor_batched_weight_scales(proto)
         onnx.save(proto, str(self.float_path))
         self.graph = proto.graph
@@ -246,10 +250,11 @@ class _Workdir:
         raise UserError(f"no node named {name!r} in the graph")
 
     def unquantizable(self) -> list[FloatNode]:
-        """GEMM-like nodes no int8 kernel of ONNX Runtime's CPU provider runs: a constant left operand."""
+        """GEMM-like nodes no int8 kernel of ONNX Runtime's CPU provider runs: a constant left operand
+        that :func:`_left_weights_to_right` could not move (input rank unknown)."""
         consts = {t.name for t in self.graph.initializer}
-        return [FloatNode(n.name, n.op_type, "constant left operand (W @ x): ONNX Runtime's CPU provider has no "
-                          "int8 kernel for it (int8 weights go on the right)")
+        return [FloatNode(n.name, n.op_type, "constant left operand (W @ x) of unknown input rank: ONNX Runtime's "
+                          "CPU provider has no int8 kernel for it (int8 weights go on the right)")
                 for n in self.graph.node if n.op_type == "MatMul" and n.input[0] in consts and n.input[1] not in consts]
 
     def quantized(self, path: Path) -> list[str]:
@@ -372,6 +377,38 @@ def _pre_process(src: Path, dst: Path) -> None:
             quant_pre_process(str(src), str(dst))
         except Exception:  # symbolic shape inference raises many types on graphs it does not know
             quant_pre_process(str(src), str(dst), skip_symbolic_shape=True)
+
+
+def _left_weights_to_right(proto: onnx.ModelProto) -> None:
+    """``W @ x`` (constant W (M, K), x (..., K, N)) as ``(x^T @ W^T)^T``: the weight on the right, where
+    ONNX Runtime's int8 MatMul takes it. Exact (the same products and sums); the transposes of
+    consecutive rewritten MatMuls meet across elementwise ops, where ONNX Runtime cancels them."""
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes = []
+    for n in g.node:
+        w = inits.get(n.input[0]) if n.op_type == "MatMul" else None
+        rank = _rank(g, n.input[1]) if w is not None else None
+        if w is None or len(w.dims) != 2 or n.input[1] in inits or rank is None or rank < 2:
+            nodes.append(n)
+            continue
+        perm = [*range(rank - 2), rank - 1, rank - 2]
+        wt = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), f"{w.name}_transposed")
+        g.initializer.append(wt)
+        x, y = n.input[1], n.output[0]
+        nodes += [helper.make_node("Transpose", [x], [f"{y}_input_t"], perm=perm, name=f"{n.name}_input_t"),
+                  helper.make_node("MatMul", [f"{y}_input_t", wt.name], [f"{y}_t"], name=n.name),
+                  helper.make_node("Transpose", [f"{y}_t"], [y], perm=perm, name=f"{n.name}_output_t")]
+    del g.node[:]
+    g.node.extend(nodes)
+    _drop_dead_nodes(g)
+
+
+def _rank(g: onnx.GraphProto, name: str) -> int | None:
+    for v in (*g.value_info, *g.input):
+        if v.name == name and v.type.tensor_type.HasField("shape"):
+            return len(v.type.tensor_type.shape.dim)
+    return None
 
 
 def _factor_batched_weight_scales(proto: onnx.ModelProto) -> dict:

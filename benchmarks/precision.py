@@ -1,0 +1,335 @@
+"""INT8 (ONNX Runtime, Q/DQ) and BF16 (torch eager) against fp32: speed and accuracy, one report.
+
+    python benchmarks/precision.py [--models resmlp_12,mixer_b16,repmlpnet_b224] [--batch 8]
+        [--threads 2] [--rounds 10] [--fixtures tests/fixtures/fashion_mnist] [--out-dir docs]
+        [--skip-speed] [--skip-accuracy]
+
+Speed (full-size named configs, ``randomize_`` weights, seeded N(0, 1) inputs, batch 8): the
+fp32 deploy ONNX against its INT8 Q/DQ version (``quantize_onnx``, calibrated on 16 other
+seeded inputs, guard off: random weights have near-tied logits) on ONNX Runtime's CPU
+provider, and the fp32 train form against the bf16 deploy form in torch eager (three ways:
+the model cast to bf16, the same in channels-last memory format, ``torch.autocast``). All
+candidates of a model run interleaved, one call each per round, and each ratio is the median
+of per-round ratios (machine drift cancels inside a round). GEMM peaks (ONNX Runtime fp32
+``MatMul`` and int8 ``MatMulInteger`` u8s8, ``torch.mm`` fp32 and bf16) are measured at the
+start and at the end of the same run; achieved GOP/s = each form's FLOPs x images/s.
+
+Accuracy (the trained Fashion-MNIST fixtures, ``--fixtures``/manifest.json, full 10k test
+set): the INT8 graph calibrated on 256 training images with the accuracy guard on (500 other
+training images held out, min agreement 0.99), and the bf16 deploy form in torch, each against
+the fp32 train form: top-1, agreement, cosine, SQNR, nodes kept float; plus the layers whose
+int8 weight SQNR the re-parameterization lowered by 6 dB or more.
+
+Writes ``precision.md`` and ``precision.csv`` in ``--out-dir`` and prints the tables.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared machine: idle OpenMP threads must not spin
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from vismlp_deploy.benchmark.machine import machine_info  # noqa: E402
+from vismlp_deploy.benchmark.peak import GemmPeak, gemm_peak, ort_gemm_peak, ort_int8_gemm_peak  # noqa: E402
+from vismlp_deploy.benchmark.timing import Candidate, Clock, measure, paired_ratios  # noqa: E402
+from vismlp_deploy.export.onnx import export_onnx  # noqa: E402
+from vismlp_deploy.export.quantize import quantize_onnx  # noqa: E402
+from vismlp_deploy.reparam.report import count_flops  # noqa: E402
+from vismlp_deploy.runtime.ort_runner import OrtRunner  # noqa: E402
+from vismlp_deploy.verification.proof import proof_inputs  # noqa: E402
+from vismlp_deploy.verification.stats import Stats, compare  # noqa: E402
+
+SPEED_MODELS = ("resmlp_12", "mixer_b16", "repmlpnet_b224")
+INT8_TARGET = {"resmlp_12": 2.5, "mixer_b16": 2.5, "repmlpnet_b224": 1.7}
+INT8_MIN_COSINE = 0.999
+BF16_TARGET = 3.0
+CSV_FIELDS = ("section", "model", "candidate", "baseline", "ratio", "q25", "q75", "target", "met", "ms", "gops",
+              "peak_kernel", "fraction_of_peak", "top1", "baseline_top1", "agreement", "cosine", "sqnr_db",
+              "float_nodes", "note")
+
+
+# ------------------------------------------------------------------------------ peaks
+def peaks(threads: int) -> dict[str, GemmPeak]:
+    return {"ort fp32": ort_gemm_peak(threads=threads), "ort int8": ort_int8_gemm_peak(threads=threads),
+            "torch fp32": gemm_peak(precision="fp32"), "torch bf16": gemm_peak(precision="bf16")}
+
+
+def best(a: dict[str, GemmPeak], b: dict[str, GemmPeak]) -> dict[str, GemmPeak]:
+    return {k: max(a[k], b[k], key=lambda p: p.gflops) for k in a}
+
+
+# ------------------------------------------------------------------------------ speed
+def bf16_forms(deploy: torch.nn.Module, x: torch.Tensor) -> dict[str, tuple]:
+    """bf16 deploy variants: (module, input, autocast?)."""
+    cast = copy.deepcopy(deploy).to(torch.bfloat16)
+    cl = copy.deepcopy(cast).to(memory_format=torch.channels_last)
+    return {"bf16 cast": (cast, x.to(torch.bfloat16), False),
+            "bf16 cast channels-last": (cl, x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last), False),
+            "bf16 autocast": (deploy, x, True)}
+
+
+def speed(name: str, args: argparse.Namespace, tmp: Path, log) -> list[dict]:
+    from vismlp_deploy.runtime.source import from_named_config
+
+    source = from_named_config(name, 0)
+    train, deploy = source.train.eval(), source.deploy.eval()
+    x = proof_inputs(source.input_size, args.batch, seed=2)
+    calib = proof_inputs(source.input_size, 16, seed=1).numpy()
+    fp32_path, int8_path = tmp / f"{name}.fp32.onnx", tmp / f"{name}.int8.onnx"
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        export_onnx(deploy, fp32_path)
+    q = quantize_onnx(fp32_path, int8_path, calib, x.numpy(), min_agreement=0.0, threads=args.threads)
+    log(f"{name}: exported and quantized in {time.perf_counter() - t0:.0f} s ({len(q.quantized_nodes)} int8 nodes, "
+        f"{len(q.float_nodes)} float)")
+    ort32 = OrtRunner(fp32_path, threads=args.threads, spin=False)
+    ort8 = OrtRunner(int8_path, threads=args.threads, spin=False)
+    x32 = ort32.prepare(x)
+    bound = input_only_bound(ort32, int8_path, x)
+
+    cands = {"onnxruntime fp32 deploy": lambda: ort32.run_native(x32), "onnxruntime int8 deploy": lambda: ort8.run_native(x32),
+             "torch fp32 train": lambda: train(x)}
+    forms = bf16_forms(deploy, x)
+    for label, (module, inp, auto) in forms.items():
+        cands[f"torch {label} deploy"] = _torch_call(module, inp, auto)
+    with torch.inference_mode():
+        ref_train = train(x)
+        outs = {k: torch.as_tensor(np.asarray(f())).float() for k, f in cands.items()}
+        timings = measure({k: Candidate(f, Clock()) for k, f in cands.items()}, warmup=1, repeats=args.rounds,
+                          min_repeats=3, max_time_s=args.max_time)
+    flops = {"deploy": count_flops(deploy, x[:1]), "train": count_flops(train, x[:1])}
+    rows = []
+
+    def row(cand: str, base: str, target: float | None, peak: str, form: str, ref: torch.Tensor, extra=None) -> None:
+        r = paired_ratios(timings[base], timings[cand])
+        st = compare(outs[cand], ref)
+        ms = timings[cand].median * 1e3
+        gops = flops[form] * args.batch / timings[cand].median / 1e9
+        met = None if target is None else bool(r.median >= target and (not cand.startswith("onnxruntime int8")
+                                                                         or st.cosine >= INT8_MIN_COSINE))
+        rows.append({"section": "speed", "model": name, "candidate": cand, "baseline": base, "ratio": r.median,
+                     "q25": r.quantile(0.25), "q75": r.quantile(0.75), "target": target, "met": met, "ms": ms,
+                     "gops": gops, "peak": peak, "cosine": st.cosine, "sqnr_db": st.sqnr_db,
+                     "agreement": st.top1, **(extra or {})})
+
+    row("onnxruntime fp32 deploy", "onnxruntime fp32 deploy", None, "ort fp32", "deploy", outs["onnxruntime fp32 deploy"])
+    row("onnxruntime int8 deploy", "onnxruntime fp32 deploy", INT8_TARGET.get(name), "ort int8", "deploy",
+        outs["onnxruntime fp32 deploy"], {"float_nodes": len(q.float_nodes),
+                                          "note": f"int8 of the input alone gives cosine {bound.cosine:.4f}"})
+    row("torch fp32 train", "torch fp32 train", None, "torch fp32", "train", ref_train)
+    for label in forms:
+        row(f"torch {label} deploy", "torch fp32 train", BF16_TARGET, "torch bf16", "deploy", ref_train)
+    return rows
+
+
+def _torch_call(module: torch.nn.Module, x: torch.Tensor, autocast: bool):
+    def call():
+        with torch.autocast("cpu", torch.bfloat16) if autocast else nullcontext():
+            return module(x).float()
+    return call
+
+
+def input_only_bound(fp32: OrtRunner, int8_path: Path, x: torch.Tensor) -> Stats:
+    """The fp32 graph on the input rounded as the int8 graph rounds it (its first QuantizeLinear):
+    no int8 graph that quantizes its input gets closer to fp32 than this."""
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(int8_path)).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    q = next(n for n in g.node if n.op_type == "QuantizeLinear" and n.input[0] == g.input[0].name)
+    scale = float(inits[q.input[1]])
+    xq = torch.from_numpy(np.clip(np.rint(x.numpy() / scale), -128, 127).astype(np.float32) * scale)
+    return compare(fp32.run(xq), fp32.run(x))
+
+
+# ------------------------------------------------------------------------------ accuracy
+def accuracy(fixtures: Path, args: argparse.Namespace, tmp: Path, log) -> list[dict]:
+    from vismlp_deploy import load_checkpoint, reparameterize
+    from vismlp_deploy.calibration import load_calibration_split
+    from vismlp_deploy.datasets import load_fashion_mnist
+    from vismlp_deploy.verification.weight_sqnr import weight_sqnr_report
+
+    manifest = json.loads((fixtures / "manifest.json").read_text())
+    rows = []
+    for name, entry in manifest.items():
+        c = entry["in_chans"]
+        x_test, y_test = load_fashion_mnist("test", channels=c)
+        x_train, _ = load_fashion_mnist("train", channels=c, limit=args.calib + args.holdout)
+        np.save(tmp / f"calib_c{c}.npy", x_train.numpy())
+        split = load_calibration_split(tmp / f"calib_c{c}.npy", tuple(x_train.shape[1:]), count=args.calib,
+                                       holdout=args.holdout)
+        train = load_checkpoint(fixtures / entry["file"], input_size=(32, 32))
+        deploy = reparameterize(train).eval()
+        for attr in ("arch", "config", "input_size"):
+            setattr(deploy, attr, getattr(train, attr))
+        fp32_path, int8_path = tmp / f"{name}.fp32.onnx", tmp / f"{name}.int8.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            export_onnx(deploy, fp32_path)
+        t0 = time.perf_counter()
+        q = quantize_onnx(fp32_path, int8_path, split.calibration, split.holdout, min_agreement=0.99,
+                          threads=args.threads)
+        quant_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            ref = _batched(train, x_test)
+            bf16 = _batched(copy.deepcopy(deploy).to(torch.bfloat16), x_test, torch.bfloat16)
+        int8 = OrtRunner(int8_path, threads=args.threads)
+        int8_out = torch.cat([int8.run(x_test[i:i + 500]) for i in range(0, len(x_test), 500)])
+        flagged = weight_sqnr_report(train, deploy).lines()
+        top1_ref = (ref.argmax(1) == y_test).double().mean().item()
+        for cand, out, extra in (("onnxruntime int8 deploy", int8_out,
+                                  {"float_nodes": len(q.fallback_nodes),
+                                   "note": _guard_note(q, quant_s) + (f"; {len(flagged)} weight(s) flagged" if flagged else "")}),
+                                 ("torch bf16 cast deploy", bf16, {})):
+            st = compare(out, ref)
+            top1 = (out.argmax(1) == y_test).double().mean().item()
+            rows.append({"section": "accuracy", "model": name, "candidate": cand, "baseline": "torch fp32 train",
+                         "top1": top1, "baseline_top1": top1_ref, "agreement": st.top1, "cosine": st.cosine,
+                         "sqnr_db": st.sqnr_db, "target": "top-1 within 0.5 points, agreement >= 0.99",
+                         "met": bool(top1 >= top1_ref - 0.005 and st.top1 >= 0.99), **extra})
+        log(f"{name}: fp32 {top1_ref:.4f}, int8 {rows[-2]['top1']:.4f} (agreement {rows[-2]['agreement']:.4f}), "
+            f"bf16 {rows[-1]['top1']:.4f} (agreement {rows[-1]['agreement']:.4f})")
+        for line in flagged:
+            log(f"  {line}")
+    return rows
+
+
+def _batched(model: torch.nn.Module, x: torch.Tensor, dtype=torch.float32, batch: int = 500) -> torch.Tensor:
+    return torch.cat([model(x[i:i + batch].to(dtype)).float() for i in range(0, len(x), batch)])
+
+
+def _guard_note(q, seconds: float) -> str:
+    rounds = len(q.rounds)
+    first = q.rounds[0].stats.top1
+    if not q.fallback_nodes:
+        return f"guard: held-out agreement {first:.4f} at the first try ({seconds:.0f} s)"
+    return (f"guard: held-out agreement {first:.4f} fully quantized -> {q.stats.top1:.4f} with "
+            f"{len(q.fallback_nodes)} node(s) float ({', '.join(n.name for n in q.fallback_nodes)}), "
+            f"{rounds} rounds, {seconds:.0f} s")
+
+
+# ------------------------------------------------------------------------------ report
+def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str, wall: dict) -> str:
+    out = ["# Precision: INT8 (ONNX Runtime Q/DQ) and BF16 (torch) against fp32", "",
+           "Written by `benchmarks/precision.py`; do not edit by hand.", "", "## How these numbers were made", "",
+           f"```\n{command}\n```", "",
+           f"- CPU: {info['cpu']} ({info['cpu_count']} logical CPUs), {info['threads']} threads for torch and ONNX Runtime;"
+           f" 1-minute load average {info['load_average']} at the start, {info['load_average_end']} at the end "
+           "(above the thread count: the CPUs were shared, absolute times are inflated, ratios less so)",
+           f"- {info['platform']}, Python {info['python']}, torch {info['torch']}, onnxruntime {info['onnxruntime']}, "
+           f"onnx {info['onnx']}, vismlp-deploy {info['vismlp_deploy']}",
+           "- GEMM peaks, measured at the start and at the end of this run (best): "
+           + "; ".join(f"{k}: {p.gflops:.0f} GOP/s ({p.kernel}, n={p.size})" for k, p in pk.items()),
+           f"- wall time: {', '.join(f'{k} {v / 60:.1f} min' for k, v in wall.items())}", ""]
+    speed_rows = [r for r in rows if r["section"] == "speed"]
+    if speed_rows:
+        out += ["## Speed (batch 8, 224 px, random weights)", "",
+                "Ratios: median of per-round ratios (baseline time / candidate time, calls made back to back), "
+                "with the quartiles. *Cosine*: worst per-sample cosine of the candidate's logits against the "
+                "baseline's (int8: against the fp32 deploy graph; bf16: against the fp32 train form).", "",
+                "| model | candidate | vs | ratio | quartiles | target | | ms | GOP/s | % of peak | cosine | SQNR dB | note |",
+                "|---|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|---|"]
+        for r in speed_rows:
+            met = "" if r["met"] is None else ("met" if r["met"] else "**not met**")
+            target = "" if r["target"] is None else f"≥ {r['target']}"
+            out.append(f"| {r['model']} | {r['candidate']} | {r['baseline']} | {r['ratio']:.2f} | {r['q25']:.2f} – "
+                       f"{r['q75']:.2f} | {target} | {met} | {r['ms']:.0f} | {r['gops']:.0f} | "
+                       f"{100 * r['fraction_of_peak']:.0f} % ({r['peak_kernel']}) | {r['cosine']:.5f} | "
+                       f"{r['sqnr_db']:.1f} | {r.get('note', '')} |")
+        out.append("")
+    acc_rows = [r for r in rows if r["section"] == "accuracy"]
+    if acc_rows:
+        out += ["## Accuracy (trained Fashion-MNIST fixtures, 10k test images)", "",
+                "Target: top-1 within 0.5 points of the fp32 train form and top-1 agreement ≥ 99 %. INT8: calibrated "
+                "on 256 training images, accuracy guard on 500 other training images (min agreement 0.99); "
+                "*float*: nodes the guard kept in float.", "",
+                "| fixture | candidate | fp32 top-1 | top-1 | agreement | cosine | SQNR dB | float | | note |",
+                "|---|---|--:|--:|--:|--:|--:|--:|---|---|"]
+        for r in acc_rows:
+            out.append(f"| {r['model']} | {r['candidate']} | {100 * r['baseline_top1']:.2f} % | {100 * r['top1']:.2f} % | "
+                       f"{100 * r['agreement']:.2f} % | {r['cosine']:.5f} | {r['sqnr_db']:.1f} | "
+                       f"{r.get('float_nodes', '')} | {'met' if r['met'] else '**not met**'} | {r.get('note', '')} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    _write_atomic(buf.getvalue(), path)
+
+
+def _write_atomic(text: str, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default=",".join(SPEED_MODELS))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--max-time", type=float, default=120.0, help="seconds of timing rounds per model at most")
+    p.add_argument("--fixtures", type=Path, default=Path("tests/fixtures/fashion_mnist"))
+    p.add_argument("--calib", type=int, default=256)
+    p.add_argument("--holdout", type=int, default=500)
+    p.add_argument("--out-dir", type=Path, default=Path("docs"))
+    p.add_argument("--skip-speed", action="store_true")
+    p.add_argument("--skip-accuracy", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    info = machine_info("cpu", args.threads)
+    t0 = time.perf_counter()
+    pk = peaks(args.threads)
+    rows, wall = [], {}
+    with tempfile.TemporaryDirectory(prefix="vismlp-precision-") as tmp:
+        if not args.skip_speed:
+            for name in args.models.split(","):
+                rows += speed(name, args, Path(tmp), log)
+            wall["speed"] = time.perf_counter() - t0
+        if not args.skip_accuracy:
+            t1 = time.perf_counter()
+            if (args.fixtures / "manifest.json").is_file():
+                rows += accuracy(args.fixtures, args, Path(tmp), log)
+            else:
+                log(f"no {args.fixtures / 'manifest.json'}: accuracy section skipped")
+            wall["accuracy"] = time.perf_counter() - t1
+    pk = best(pk, peaks(args.threads))
+    for r in rows:  # each form against the peak of its precision's kernel, best of the run
+        if "peak" in r:
+            peak = pk[r.pop("peak")]
+            r.update(peak_kernel=f"{peak.kernel} {peak.precision}", fraction_of_peak=r["gops"] / peak.gflops)
+    info["load_average_end"] = machine_info("cpu", args.threads)["load_average"]
+    command = shlex.join(["python", "benchmarks/precision.py", *(argv if argv is not None else sys.argv[1:])])
+    text = markdown(rows, info, pk, command, wall)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(text + "\n", args.out_dir / "precision.md")
+    write_csv(rows, args.out_dir / "precision.csv")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
