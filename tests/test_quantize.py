@@ -18,7 +18,7 @@ from vismlp_deploy import create_model, reparameterize
 from vismlp_deploy.calibration import load_calibration, load_calibration_split
 from vismlp_deploy.errors import UserError
 from vismlp_deploy.export.onnx import export_onnx, read_metadata
-from vismlp_deploy.export.quantize import _factor_batched_weight_scales, quantize_onnx
+from vismlp_deploy.export.quantize import _factor_batched_weight_scales, _left_weights_to_right, quantize_onnx
 from vismlp_deploy.models.init import randomize_
 from vismlp_deploy.precision import PRECISIONS
 from vismlp_deploy.runtime.ort_runner import OrtRunner
@@ -224,13 +224,45 @@ def test_int8_measured_stats_are_the_written_files(resmlp_int8) -> None:
     assert 20 < stats.sqnr_db < 60  # really int8: neither fp32-exact nor broken
 
 
-def test_constant_left_operand_matmuls_stay_float_with_reason(resmlp_int8) -> None:
+def test_token_mixing_matmuls_run_int8_with_the_weight_on_the_right(resmlp_int8) -> None:
+    """ResMLP's ``W @ x`` token mixing: rewritten as ``(x^T @ W^T)^T``, so the int8 weight is the
+    right operand (the only side ONNX Runtime's int8 MatMul takes); nothing is left in float."""
     _, result, _ = resmlp_int8
     proto = onnx.load(str(result.path))
-    consts = {t.name for t in proto.graph.initializer}
-    left = [n.name for n in proto.graph.node if n.op_type == "MatMul" and n.input[0] in consts]
-    assert left and {f.name for f in result.float_nodes} >= set(left)
-    assert all("no int8 kernel" in f.reason for f in result.float_nodes if f.name in left)
+    producer = {o: n for n in proto.graph.node for o in n.output}
+    token = [n for n in proto.graph.node if n.op_type == "MatMul"]
+    assert len(token) == 2 and not result.float_nodes
+    for n in token:
+        assert n.name in result.quantized_nodes
+        assert [getattr(producer.get(i), "op_type", None) for i in n.input] == ["DequantizeLinear"] * 2
+        assert producer[producer[n.input[0]].input[0]].op_type == "QuantizeLinear"  # activation on the left
+
+
+def _left_matmul_model(weight: np.ndarray, x_shape: tuple) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["w", "x"], ["mm"], name="mm"), helper.make_node("Sigmoid", ["mm"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], [numpy_helper.from_array(weight, "w")])
+    return onnx.shape_inference.infer_shapes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)],
+                                                               ir_version=8))
+
+
+@settings(max_examples=15, deadline=None)
+@given(m=st.integers(1, 7), k=st.integers(1, 7), n=st.integers(1, 7), lead=st.lists(st.integers(1, 3), max_size=2),
+       seed=st.integers(0, 2**16))
+def test_left_weights_to_right_is_exact(m, k, n, lead, seed) -> None:
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    x = rng.standard_normal((*lead, k, n)).astype(np.float32)
+    proto = _left_matmul_model(w, x.shape)
+    _left_weights_to_right(proto)
+    (mm,) = [nd for nd in proto.graph.node if nd.op_type == "MatMul"]
+    assert mm.input[1] in {t.name for t in proto.graph.initializer} and "w" not in {t.name for t in proto.graph.initializer}
+    y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    ref = 1 / (1 + np.exp(-np.matmul(w.astype(np.float64), x.astype(np.float64))))
+    assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-6
 
 
 def _batched_matmul_model(weight: np.ndarray) -> onnx.ModelProto:

@@ -173,7 +173,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
 
 
 def _fall_back(work: "_Workdir", guard: "_Guard", result: QuantizeResult, path: Path, max_rounds: int) -> Path:
-    """Keep the noisiest nodes in float: 1, 2, 4 ... of them until the target is met, then bisect
+    """Keep the most damaging nodes in float: 1, 2, 4 ... of them until the target is met, then bisect
     between the last miss and the first hit for the fewest that meet it. Updates ``result``."""
     base = list(result.float_nodes)
     ranking = work.sensitivity(path, [n.name for n in base])
