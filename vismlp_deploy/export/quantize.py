@@ -381,10 +381,13 @@ def _pre_process(src: Path, dst: Path) -> None:
 
 def _left_weights_to_right(proto: onnx.ModelProto) -> None:
     """``W @ x`` (constant W (M, K), x (..., K, N)) as ``(x^T @ W^T)^T``: the weight on the right, where
-    ONNX Runtime's int8 MatMul takes it. Exact (the same products and sums); the transposes of
-    consecutive rewritten MatMuls meet across elementwise ops, where ONNX Runtime cancels them."""
+    ONNX Runtime's int8 MatMul takes it. Exact (the same products and sums). Where x is itself a
+    Transpose of the last two axes, the MatMul reads that Transpose's input (the two cancel; the
+    Transpose goes if nothing else reads it); the transposes of consecutive rewritten MatMuls meet
+    across elementwise ops, where ONNX Runtime cancels them."""
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
     nodes = []
     for n in g.node:
         w = inits.get(n.input[0]) if n.op_type == "MatMul" else None
@@ -396,8 +399,13 @@ def _left_weights_to_right(proto: onnx.ModelProto) -> None:
         wt = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), f"{w.name}_transposed")
         g.initializer.append(wt)
         x, y = n.input[1], n.output[0]
-        nodes += [helper.make_node("Transpose", [x], [f"{y}_input_t"], perm=perm, name=f"{n.name}_input_t"),
-                  helper.make_node("MatMul", [f"{y}_input_t", wt.name], [f"{y}_t"], name=n.name),
+        before = producer.get(x)
+        if before is not None and before.op_type == "Transpose" and list(before.attribute[0].ints) == perm:
+            x_t = before.input[0]  # x is itself a swap of the last two axes: read what it swapped
+        else:
+            x_t = f"{y}_input_t"
+            nodes.append(helper.make_node("Transpose", [x], [x_t], perm=perm, name=f"{n.name}_input_t"))
+        nodes += [helper.make_node("MatMul", [x_t, wt.name], [f"{y}_t"], name=n.name),
                   helper.make_node("Transpose", [f"{y}_t"], [y], perm=perm, name=f"{n.name}_output_t")]
     del g.node[:]
     g.node.extend(nodes)
