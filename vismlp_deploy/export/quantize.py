@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import io
 import logging
 import os
 import tempfile
@@ -55,7 +56,7 @@ from .onnx import _set_metadata, read_metadata
 
 INT8_OP_TYPES = ("Conv", "Gemm", "MatMul")
 FLOAT_OUTPUT_OP_TYPES = ("Gemm", "MatMul")  # their int8 kernels return float: no Q/DQ after them
-METHODS = ("minmax", "entropy", "percentile")
+METHODS = ("percentile", "minmax", "entropy")
 DEFAULT_MIN_AGREEMENT = 0.99
 _HAS_CACHE = "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
@@ -127,7 +128,7 @@ class QuantizeResult:
 
 def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, calibration: np.ndarray,
                   holdout: np.ndarray | None = None, *, min_agreement: float = DEFAULT_MIN_AGREEMENT,
-                  method: str = "minmax", exclude: tuple[str, ...] = (), max_rounds: int = 8, batch: int = 8,
+                  method: str = "percentile", exclude: tuple[str, ...] = (), max_rounds: int = 8, batch: int = 8,
                   threads: int | None = None) -> QuantizeResult:
     """Write an INT8 Q/DQ version of the fp32 ONNX ``onnx_path`` to ``out_path`` (atomically).
 
@@ -135,7 +136,9 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     holdout: float32 (M, C, H, W) other inputs the guard measures on (None/empty: not measured,
     allowed only with ``min_agreement`` 0). min_agreement: required top-1 agreement with fp32
     in [0, 1]; 0 turns the fallback off (the result is still measured where inputs allow).
-    method: calibration ``minmax``, ``entropy`` or ``percentile``. exclude: node names to keep
+    method: calibration ``percentile`` (ONNX Runtime's 99.999th percentile of |x|: on the trained
+    fixtures it agreed with fp32 as well as or better than ``minmax``, and did not degrade with
+    more calibration samples, as the max does), ``minmax`` or ``entropy``. exclude: node names to keep
     in float from the start. max_rounds: quantize-and-measure rounds the fallback may spend.
     batch: samples per ONNX Runtime call (calibration, measurement). threads: intra-op
     threads of the measuring sessions.
@@ -531,12 +534,14 @@ def _check_embedded(path: Path) -> None:
 
 @contextlib.contextmanager
 def _quiet_ort() -> Iterator[None]:
-    """The quantizer logs progress and advice through the root logger: keep only errors."""
+    """The quantizer logs progress and advice through the root logger and its histogram
+    calibrators print to stdout (which must stay clean for ``--json``): keep only errors."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.setLevel(level)
 
