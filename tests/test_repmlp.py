@@ -279,3 +279,18 @@ def test_repmlp_res50_full_size_builds_on_meta() -> None:
     with torch.device("meta"):
         model = create_model("repmlp_res50_light")
     assert 20e6 < sum(p.numel() for p in model.parameters()) < 80e6
+
+
+@pytest.mark.parametrize("partitions", [[[4, 4], [4, 4]], [[2, 2], [2, 2]]], ids=["gp_in_c1_only", "gp_in_both"])
+def test_repmlp_res50_config_from_shapes(partitions: list) -> None:
+    """A plain state_dict is detected with its whole config (image size from the RepMLP stages' maps)."""
+    cfg = dict(layers=[2, 2, 2], width=8, num_classes=7, in_channels=1, image_size=32, repmlp_stages=[0, 1],
+               partitions=partitions, reparam_conv_k=[1, 3], fc1_fc2_reduction=2, fc3_groups=2, mlp_reduction=2)
+    model = randomize_(create_model("repmlp_res50_light", **cfg), 0)
+    loaded = load_checkpoint(model.state_dict())
+    assert loaded.arch == "vismlp-repmlp-res50" and loaded.config == cfg and loaded.input_size == (1, 32, 32)
+    x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    with pytest.raises(CheckpointError, match="--config"):  # RES_SMALL's 4x2 partitions: h, w not recoverable
+        load_checkpoint(randomize_(create_model("repmlp_res50_light", **RES_SMALL), 0).state_dict())

@@ -9,6 +9,7 @@ upstream converter) and added to fc3 after fc3_bn (BatchNorm1d per feature) is f
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping, Sequence
 
 import torch.nn.functional as F
@@ -231,9 +232,47 @@ def _matches_res50(sd: Mapping[str, Tensor]) -> bool:
 
 
 def _infer_res50(sd: Mapping[str, Tensor]) -> dict:
-    raise CheckpointError(
-        "RepMLP-ResNet's image size and partitions are not recorded in its weights; pass --config "
-        "(checkpoints written by vismlp-deploy carry it)")
+    """Constructor arguments from shapes; square partitions and maps only (the weights store h*w and hp*wp).
+
+    A RepMLP stage i (its blocks 1.. carry ``mlp``) runs on a map of side h*hp (h alone
+    without the global perceptron) = image_size / 2^(i+2), which gives image_size.
+    fc1_fc2_reduction has no weight to read when no partition is smaller than its map: then
+    the default 4 (unused by that network).
+    """
+    try:
+        stem = sd["stem.conv.weight"]
+        n_stages = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"layers\.(\d+)\.", k)))
+        layers = [1 + max(int(m.group(1)) for k in sd if (m := re.match(rf"layers\.{i}\.(\d+)\.", k)))
+                  for i in range(n_stages)]
+        stages = [i for i in range(n_stages) if f"layers.{i}.1.mlp.fc3.weight" in sd]
+        if not stages:
+            raise CheckpointError("no RepMLP block found (layers.<i>.1.mlp.fc3.weight)")
+        first = f"layers.{stages[0]}.1."
+        mid = sd[first + "conv1.conv.weight"].shape[0]
+        fc3 = sd[first + "mlp.fc3.weight"]
+        ks = sorted(int(m.group(1)) for k in sd
+                    if (m := re.fullmatch(re.escape(first) + r"mlp\.repconv(\d+)\.conv\.weight", k)))
+        partitions, sizes, reduction = [], set(), 4
+        for i in stages:
+            prefix = f"layers.{i}.1."
+            c = sd[prefix + "conv1.conv.weight"].shape[0]
+            h, w = split_hw(sd[prefix + "mlp.fc3.weight"].shape[0] // c, f"RepMLP partition of stage {i}")
+            partitions.append([h, w])
+            side = h
+            if prefix + "mlp.fc1_fc2.fc1.weight" in sd:
+                fc1 = sd[prefix + "mlp.fc1_fc2.fc1.weight"]
+                side = h * split_hw(fc1.shape[1] // c, f"RepMLP partition grid of stage {i}")[0]
+                reduction = fc1.shape[1] // fc1.shape[0]
+            sizes.add(side * 2 ** (i + 2))
+        if len(sizes) != 1:
+            raise CheckpointError(f"the RepMLP stages' maps imply different image sizes {sorted(sizes)}")
+        return dict(layers=layers, width=stem.shape[0], num_classes=sd["head.weight"].shape[0],
+                    in_channels=stem.shape[1], image_size=sizes.pop(), repmlp_stages=stages, partitions=partitions,
+                    reparam_conv_k=ks, fc1_fc2_reduction=reduction,
+                    fc3_groups=fc3.shape[0] // fc3.shape[1],  # fc3 maps mid*h*w -> mid*h*w in groups
+                    mlp_reduction=sd[first + "conv3.conv.weight"].shape[0] // mid)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"not a complete RepMLP-ResNet state_dict ({e})") from None
 
 
 register_format(
