@@ -15,8 +15,8 @@ of per-round ratios (machine drift cancels inside a round). GEMM peaks (ONNX Run
 start and at the end of the same run; achieved GOP/s = each form's FLOPs x images/s.
 
 Accuracy (the trained Fashion-MNIST fixtures, ``--fixtures``/manifest.json, full 10k test
-set): the INT8 graph calibrated on 256 training images with the accuracy guard on (500 other
-training images held out, min agreement 0.99), and the bf16 deploy form in torch, each against
+set): the INT8 graph calibrated on 256 training images with the accuracy guard on (1000 other
+training images held out, min agreement 0.99 with 95 % confidence), and the bf16 deploy form in torch, each against
 the fp32 train form: top-1, agreement, cosine, SQNR, nodes kept float; plus the layers whose
 int8 weight SQNR the re-parameterization lowered by 6 dB or more.
 
@@ -225,7 +225,8 @@ def _guard_note(q, seconds: float) -> str:
 
 
 # ------------------------------------------------------------------------------ report
-def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str, wall: dict) -> str:
+def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str, wall: dict,
+             args: argparse.Namespace) -> str:
     out = ["# Precision: INT8 (ONNX Runtime Q/DQ) and BF16 (torch) against fp32", "",
            "Written by `benchmarks/precision.py`; do not edit by hand.", "", "## How these numbers were made", "",
            f"```\n{command}\n```", "",
@@ -257,8 +258,8 @@ def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str
     if acc_rows:
         out += ["## Accuracy (trained Fashion-MNIST fixtures, 10k test images)", "",
                 "Target: top-1 within 0.5 points of the fp32 train form and top-1 agreement ≥ 99 %. INT8: calibrated "
-                "on 256 training images, accuracy guard on 500 other training images (min agreement 0.99); "
-                "*float*: nodes the guard kept in float.", "",
+                f"on {args.calib} training images, accuracy guard on {args.holdout} other training images (agreement "
+                "≥ 0.99 with 95 % confidence); *float*: nodes the guard kept in float.", "",
                 "| fixture | candidate | fp32 top-1 | top-1 | agreement | cosine | SQNR dB | float | | note |",
                 "|---|---|--:|--:|--:|--:|--:|--:|---|---|"]
         for r in acc_rows:
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-time", type=float, default=120.0, help="seconds of timing rounds per model at most")
     p.add_argument("--fixtures", type=Path, default=Path("tests/fixtures/fashion_mnist"))
     p.add_argument("--calib", type=int, default=256)
-    p.add_argument("--holdout", type=int, default=500)
+    p.add_argument("--holdout", type=int, default=1000)
     p.add_argument("--out-dir", type=Path, default=Path("docs"))
     p.add_argument("--skip-speed", action="store_true")
     p.add_argument("--skip-accuracy", action="store_true")
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
             r.update(peak_kernel=f"{peak.kernel} {peak.precision}", fraction_of_peak=r["gops"] / peak.gflops)
     info["load_average_end"] = machine_info("cpu", args.threads)["load_average"]
     command = shlex.join(["python", "benchmarks/precision.py", *(argv if argv is not None else sys.argv[1:])])
-    text = markdown(rows, info, pk, command, wall)
+    text = markdown(rows, info, pk, command, wall, args)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     _write_atomic(text + "\n", args.out_dir / "precision.md")
     write_csv(rows, args.out_dir / "precision.csv")

@@ -9,7 +9,7 @@ Q/DQ pairs are placed follows what the int8 kernels of ONNX Runtime's CPU provid
 
 - Only GEMM-like ops are quantized (:data:`INT8_OP_TYPES`); everything else runs in float
   on float inputs. A Q/DQ pair that feeds a quantized op also feeding a float op (a residual
-  add reading the same tensor) is bypassed for the float op (:func:`_float_consumers_read_float`):
+  add reading the same tensor) is bypassed for the float op (:func:`route_float`):
   the residual stream keeps its float values and runs no dequantization.
 - Gemm / MatMul outputs stay float (``QGemm`` / ``MatMulIntegerToFloat`` return float);
   Conv outputs are quantized, since ``QLinearConv`` (the only int8 conv) returns int8.
@@ -25,7 +25,9 @@ Q/DQ pairs are placed follows what the int8 kernels of ONNX Runtime's CPU provid
   spans [-1, 1], is quantized per tensor: per-(set, column) resolution, one float multiply.
 
 The accuracy guard (:func:`quantize_onnx`) measures top-1 agreement, cosine and SQNR of the
-quantized graph against the fp32 graph on held-out inputs. Below ``min_agreement`` it ranks
+quantized graph against the fp32 graph on held-out inputs. It passes when the agreement is
+``min_agreement`` or more *with 95 % confidence* (:func:`agreement_lower_bound`: a 500-sample
+estimate of 99.0 % is as likely to be below 99 % as above). Short of that it ranks
 the quantized nodes by the quantization noise injected at their inputs (activation and
 weight SQNR, ``onnxruntime.quantization.qdq_loss_debug``) and keeps the noisiest ones in
 float, doubling their number until the target is met, then bisecting back to the fewest
@@ -37,6 +39,7 @@ import contextlib
 import copy
 import inspect
 import io
+import math
 import logging
 import os
 import tempfile
@@ -58,6 +61,7 @@ INT8_OP_TYPES = ("Conv", "Gemm", "MatMul")
 FLOAT_OUTPUT_OP_TYPES = ("Gemm", "MatMul")  # their int8 kernels return float: no Q/DQ after them
 METHODS = ("percentile", "minmax", "entropy")
 DEFAULT_MIN_AGREEMENT = 0.99
+CONFIDENCE_Z = 1.645  # one-sided 95 % normal quantile
 _HAS_CACHE = "calibration_cache_path" in inspect.signature(quantize_static).parameters
 
 
@@ -82,7 +86,8 @@ class GuardRound:
     stats: Stats
 
     def to_dict(self) -> dict:
-        return {"float_nodes": self.float_nodes, "top1": self.stats.top1, "cosine": self.stats.cosine,
+        return {"float_nodes": self.float_nodes, "top1": self.stats.top1,
+                "top1_lower_bound": agreement_lower_bound(self.stats), "cosine": self.stats.cosine,
                 "sqnr_db": self.stats.sqnr_db}
 
 
@@ -91,7 +96,8 @@ class QuantizeResult:
     """What :func:`quantize_onnx` wrote and measured.
 
     ``passed`` is None when nothing was measured (no held-out inputs, ``min_agreement`` 0);
-    otherwise whether the written graph's agreement with fp32 reached ``min_agreement``.
+    otherwise whether the written graph's agreement with fp32 reached ``min_agreement`` with
+    95 % confidence (its lower bound did; ``min_agreement`` 0 always passes).
     """
 
     path: Path
@@ -110,7 +116,11 @@ class QuantizeResult:
 
     @property
     def passed(self) -> bool | None:
-        return None if self.stats is None else self.stats.top1 >= self.min_agreement
+        return None if self.stats is None else _meets(self.stats, self.min_agreement)
+
+    @property
+    def agreement_lower_bound(self) -> float | None:
+        return None if self.stats is None else agreement_lower_bound(self.stats)
 
     @property
     def fallback_nodes(self) -> list[FloatNode]:
@@ -120,7 +130,8 @@ class QuantizeResult:
     def to_dict(self) -> dict:
         return {"path": str(self.path), "min_agreement": self.min_agreement, "method": self.method,
                 "calibration": self.calibration, "holdout": self.holdout, "measured": self.measured,
-                "passed": self.passed, "quantized_nodes": len(self.quantized_nodes),
+                "passed": self.passed, "agreement_lower_bound": self.agreement_lower_bound,
+                "quantized_nodes": len(self.quantized_nodes),
                 "float_nodes": [n.to_dict() for n in self.float_nodes],
                 "stats": None if self.stats is None else self.stats.to_dict(),
                 "rounds": [r.to_dict() for r in self.rounds]}
@@ -168,7 +179,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
         if guard is not None:
             result.stats = guard.measure(path)
             result.rounds.append(GuardRound(len(excluded), result.stats))
-            if result.stats.top1 < min_agreement:
+            if not _meets(result.stats, min_agreement):
                 path = _fall_back(work, guard, result, path, max_rounds)
         _finish(path, onnx_path, result)
         os.replace(path, out_path)
@@ -192,13 +203,13 @@ def _fall_back(work: "_Workdir", guard: "_Guard", result: QuantizeResult, path: 
     lo, hi, k = 0, None, 1  # lo: most nodes known to miss; hi: fewest known to meet
     while len(result.rounds) < max_rounds and hi is None and lo < len(ranking):
         k = min(k, len(ranking))
-        if attempt(k).top1 >= result.min_agreement:
+        if _meets(attempt(k), result.min_agreement):
             hi = k
         else:
             lo, k = k, 2 * k
     while hi is not None and hi - lo > 1 and len(result.rounds) < max_rounds:
         mid = (lo + hi) // 2
-        if attempt(mid).top1 >= result.min_agreement:
+        if _meets(attempt(mid), result.min_agreement):
             hi = mid
         else:
             lo = mid
@@ -208,6 +219,21 @@ def _fall_back(work: "_Workdir", guard: "_Guard", result: QuantizeResult, path: 
     result.stats = tried[best][1]
     result.quantized_nodes = work.quantized(tried[best][0])
     return tried[best][0]
+
+
+def agreement_lower_bound(stats: Stats, z: float = CONFIDENCE_Z) -> float:
+    """One-sided lower confidence bound (Wilson score, 95 % by default) of the top-1 agreement
+    that ``stats`` estimated from ``stats.n`` samples: the agreement a model has on inputs like
+    these, short of bad luck. 0 samples: 0."""
+    n, p = stats.n, stats.top1
+    if n == 0:
+        return 0.0
+    centre, spread = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
+
+
+def _meets(stats: Stats, min_agreement: float) -> bool:
+    return min_agreement == 0 or agreement_lower_bound(stats) >= min_agreement
 
 
 def _finish(path: Path, onnx_path: Path, result: QuantizeResult) -> None:
@@ -221,6 +247,7 @@ def _finish(path: Path, onnx_path: Path, result: QuantizeResult) -> None:
         "method": result.method, "calibration_samples": result.calibration, "holdout_samples": result.holdout,
         "min_agreement": result.min_agreement, "measured": result.measured, "passed": result.passed,
         "top1_agreement": None if result.stats is None else result.stats.top1,
+        "agreement_lower_bound": result.agreement_lower_bound,
         "cosine": None if result.stats is None else result.stats.cosine,
         "sqnr_db": None if result.stats is None else result.stats.sqnr_db,
         "quantized_nodes": len(result.quantized_nodes), "float_nodes": [n.name for n in result.float_nodes]}}
