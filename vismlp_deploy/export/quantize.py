@@ -27,11 +27,12 @@ Q/DQ pairs are placed follows what the int8 kernels of ONNX Runtime's CPU provid
 The accuracy guard (:func:`quantize_onnx`) measures top-1 agreement, cosine and SQNR of the
 quantized graph against the fp32 graph on held-out inputs. It passes when the agreement is
 ``min_agreement`` or more *with 95 % confidence* (:func:`agreement_lower_bound`: a 500-sample
-estimate of 99.0 % is as likely to be below 99 % as above). Short of that it ranks
-the quantized nodes by the quantization noise injected at their inputs (activation and
-weight SQNR, ``onnxruntime.quantization.qdq_loss_debug``) and keeps the noisiest ones in
-float, doubling their number until the target is met, then bisecting back to the fewest
-that meet it. Every pass it reports was measured.
+estimate of 99.0 % is as likely to be below 99 % as above). Short of that it ranks the
+quantized nodes by the damage each does alone (the graph's output SQNR against fp32 with
+only that node in int8, every other one routed back to float) and keeps the most damaging
+ones in float, doubling their number until the target is met, then bisecting back to the
+fewest that meet it; each candidate is re-quantized by ``quantize_static`` with
+``nodes_to_exclude`` and measured. Every pass it reports was measured.
 """
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ import contextlib
 import copy
 import inspect
 import io
-import math
 import logging
+import math
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -168,7 +169,12 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     if not len(calibration):
         raise UserError("no calibration inputs")
     onnx_path, out_path = Path(onnx_path), Path(out_path)
+    if not onnx_path.is_file():
+        raise UserError(f"{onnx_path}: no such ONNX file")
+    if not out_path.parent.is_dir():
+        raise UserError(f"{out_path.parent}: output directory does not exist")
     _check_embedded(onnx_path)
+    _check_inputs(onnx_path, calibration, holdout)
     with tempfile.TemporaryDirectory(prefix=f".{out_path.name}.", dir=out_path.parent) as tmp:
         work = _Workdir(Path(tmp), onnx_path, calibration, method, batch)
         excluded = work.unquantizable() + [FloatNode(n, work.op_type(n), "excluded by the caller") for n in exclude]
@@ -549,6 +555,16 @@ def _drop_dead_nodes(g: onnx.GraphProto) -> None:
 def _static_batch(proto: onnx.ModelProto) -> int | None:
     dim = proto.graph.input[0].type.tensor_type.shape.dim[0]
     return dim.dim_value if dim.HasField("dim_value") else None
+
+
+def _check_inputs(path: Path, *arrays: np.ndarray | None) -> None:
+    """Calibration / held-out arrays are float (N, C, H, W) matching the graph input's fixed dims."""
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    want = [d.dim_value if d.HasField("dim_value") else None for d in dims][1:]
+    for x in (a for a in arrays if a is not None):
+        if x.ndim != len(want) + 1 or any(w is not None and w != s for w, s in zip(want, x.shape[1:])):
+            raise UserError(f"inputs of shape {tuple(x.shape)} do not fit the model input (N, "
+                            f"{', '.join('?' if w is None else str(w) for w in want)})")
 
 
 def _check_embedded(path: Path) -> None:

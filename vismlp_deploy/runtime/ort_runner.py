@@ -40,7 +40,6 @@ def _is_qdq(session, path: str | os.PathLike) -> bool:
     meta = session.get_modelmeta().custom_metadata_map
     if META_PREFIX + "precision" in meta:
         return meta[META_PREFIX + "precision"] == "int8"
-
     graph = onnx.load(str(path), load_external_data=False).graph
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node)
 
