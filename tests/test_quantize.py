@@ -117,6 +117,11 @@ def test_calibration_split_is_disjoint_and_warns_when_short(tmp_path: Path) -> N
     assert len(short.calibration) == 10 and len(short.holdout) == 10
     with pytest.warns(UserWarning, match="fewer than asked"):
         assert len(load_calibration(tmp_path / "x.npy", (3, 8, 8), count=50)) == 20
+    np.save(tmp_path / "three.npy", arr[:3])
+    for holdout, sizes in ((10, (1, 2)), (0, (3, 0))):
+        with pytest.warns(UserWarning, match="fewer than asked"):
+            tiny = load_calibration_split(tmp_path / "three.npy", (3, 8, 8), count=5, holdout=holdout)
+        assert (len(tiny.calibration), len(tiny.holdout)) == sizes
 
 
 def test_calibration_npz_and_float64(tmp_path: Path) -> None:
