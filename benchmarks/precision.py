@@ -428,17 +428,18 @@ NOTES = [
     "- **Speed targets on random weights**: the int8 cosine target (≥ 0.999) is judged on the int8 graph against "
     "the fp32 deploy graph. RepMLPNet-B224 with `randomize_` weights amplifies any perturbation: rounding its "
     "*input* alone to the int8 graph's first scale gives the cosine in the *note* column (fp32 graph on the "
-    "rounded input), which no int8 graph that quantizes its input can beat; fp32 noise of 1e-4 on the input "
-    "already costs ~44 dB. The trained fixtures are the accuracy evidence.",
+    "rounded input), which no int8 graph that quantizes its input can beat. The trained fixtures are the "
+    "accuracy evidence.",
     "- **BF16 in torch**: casting the deploy model to bf16 (what `TorchRunner` does) is within ~1 dB of "
     "`torch.autocast`'s SQNR on the full-size models and faster (autocast re-casts the weights on every call); "
     "channels-last adds a few percent on conv-heavy models. On the trained fixtures the cast form meets the "
     "accuracy target everywhere (table above).",
     "- **INT8 speed** (*note* column): the int8 graph's GEMM-like kernels and the rest, from ONNX Runtime's "
     "profiler in the same run. Its float ops (GELU, residual adds, norms, transposes) and quantize ops cost what "
-    "they cost in fp32 or more, so the ratio is bounded even with every int8 GEMM at the `MatMulInteger` peak; "
-    "inside the model the int8 GEMMs run well below that peak (an isolated `QGemm` of ResMLP's fc2 shape reached "
-    "~1600 GOP/s here), while the fp32 GEMMs run near theirs.",
+    "they cost in fp32 or more, so the ratio is bounded even with every int8 GEMM at the `MatMulInteger` peak "
+    "(*with every GEMM at the peak*). RepMLPNet's other ops are mostly the dequantization of `QLinearConv`'s "
+    "int8 outputs for GELU and the residual adds, and the layout transposes ONNX Runtime puts around "
+    "`QLinearConv`.",
     "- **Guard**: agreement must reach the target with 95 % confidence (Wilson lower bound): 1000 held-out "
     "images pass 0.99 with at most 4 disagreements. Held-out images should look like deployment data: held out "
     "from the *training* set, ConvMixer's guard passed at 99.7 % while the test set agreed 98.8 % (training "
