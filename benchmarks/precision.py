@@ -314,7 +314,7 @@ def repmlpnet_fc3(fixtures: Path, args: argparse.Namespace, tmp: Path, log) -> l
         for form, model in (("folded", folded), ("split", split)):
             for attr in ("arch", "config", "input_size"):
                 setattr(model, attr, getattr(train, attr))
-            assert compare(_batched(model, x_test), ref).rel < 1e-4, "the split form must compute the same function"
+            assert compare(_batched(model, x_test), ref).rel <= 1e-5, "both forms must compute the train form's function"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 export_onnx(model, tmp / f"fc3_{form}.onnx")
