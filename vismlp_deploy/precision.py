@@ -44,10 +44,14 @@ PRECISIONS: dict[str, Precision] = {p.name: p for p in (
     Precision("tf32", torch.float32, 5e-3, "float32 storage, TF32 tensor-core matmuls (CUDA)"),
     Precision("fp16", torch.float16, 2e-2, "float16 (norms kept in float32 where the backend allows)",
               min_top1=0.99, min_cosine=0.999),
+    # bf16 / int8 targets from docs/precision.md (trained Fashion-MNIST fixtures, 10k test images):
+    # bf16 cast: rel <= 0.024, worst cosine >= 0.9990, SQNR >= 37 dB; int8 after the guard: rel <=
+    # 0.114, worst cosine >= 0.972, SQNR >= 29.9 dB (fully quantized, guard off: ~24 dB). Each
+    # target sits about a factor of two (6 dB) beyond the worst trained network measured.
     Precision("bf16", torch.bfloat16, 1e-1, "bfloat16 (float32's range, 8-bit mantissa)",
-              min_top1=0.99, min_cosine=0.99),
-    Precision("int8", None, 0.5, "int8 weights and activations, Q/DQ ONNX (calibrated)",
-              min_top1=0.99, min_cosine=0.99, min_sqnr_db=15.0),
+              min_top1=0.99, min_cosine=0.99, min_sqnr_db=30.0),
+    Precision("int8", None, 0.25, "int8 weights and activations, Q/DQ ONNX (calibrated)",
+              min_top1=0.99, min_cosine=0.95, min_sqnr_db=20.0),
 )}
 
 

@@ -5,6 +5,7 @@ linears lower to GEMMs), so ``achieved GFLOP/s / GEMM peak`` says how far a form
 limit of this machine at this thread count and precision. Each backend brings its own GEMM
 library (torch: oneDNN/MKL, ONNX Runtime: MLAS), so the peak is measured with ``torch.mm``
 and, on CPU in fp32, with an ONNX Runtime ``MatMul`` too; the best of them is the limit.
+INT8 (a Q/DQ graph on ONNX Runtime) is read against :func:`ort_int8_gemm_peak`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ class GemmPeak:
     precision: str
     device: str
     threads: int
-    kernel: str = "torch.mm"  # what reached it: "torch.mm" or "onnxruntime MatMul"
+    kernel: str = "torch.mm"  # what reached it: "torch.mm", "onnxruntime MatMul", "onnxruntime MatMulInteger u8s8"
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -73,6 +74,37 @@ def ort_gemm_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5, threa
 
     best, n = _best_rate(make_call, sizes, repeats)
     return GemmPeak(best, n, "fp32", "cpu", threads or 0, "onnxruntime MatMul")
+
+
+def ort_int8_gemm_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5, threads: int | None = None) -> GemmPeak:
+    """Best GOP/s (2 n^3 int8 ops per call) of ONNX Runtime's CPU ``MatMulInteger``, uint8 A x int8 constant B.
+
+    u8 x s8 is the kernel a Q/DQ graph's int8 GEMMs run on x86: the CPU provider turns the signed
+    int8 activations of a Q/DQ graph into uint8 and keeps int8 weights (s8 x s8 ``MatMulInteger``
+    has no VNNI path: ~100 GOP/s here). The fused Q/DQ ``MatMul`` of a quantized model
+    (``MatMulIntegerToFloat``, which also quantizes its float input and scales its int32 result)
+    reached ~90 % of this on the machine of ``docs/precision.md``.
+    """
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    def make_call(n: int) -> Callable[[], None]:
+        rng = np.random.default_rng(n)
+        a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+        b = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")
+        graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "gemm_int8",
+                                  [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
+                                  [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])], [b])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        return lambda: session.run(None, {"a": a})
+
+    best, n = _best_rate(make_call, sizes, repeats)
+    return GemmPeak(best, n, "int8", "cpu", threads or 0, "onnxruntime MatMulInteger u8s8")
 
 
 def _best_rate(make_call: Callable[[int], Callable[[], None]], sizes: tuple[int, ...], repeats: int) -> tuple[float, int]:

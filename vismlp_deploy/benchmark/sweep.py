@@ -24,7 +24,7 @@ from ..runtime.source import Source
 from ..verification.inputs import random_images
 from .calls import candidate
 from .machine import machine_info
-from .peak import GemmPeak, gemm_peak, ort_gemm_peak
+from .peak import GemmPeak, gemm_peak, ort_gemm_peak, ort_int8_gemm_peak
 from .timing import measure, paired_ratios
 
 
@@ -163,11 +163,15 @@ def _run(sources, cfg: SweepConfig, n_sources: int, on_step, exported) -> BenchR
 
 
 def _measure_peaks(cfg: SweepConfig, sizes: tuple[int, ...], result: BenchResult, threads: int) -> None:
+    ort_cpu = cfg.device == "cpu" and "onnxruntime" in cfg.backends
     for p in cfg.precisions:
         try:
-            peaks = [gemm_peak(cfg.device, p, sizes=sizes)]
-            if cfg.device == "cpu" and p == "fp32" and "onnxruntime" in cfg.backends:
-                peaks.append(ort_gemm_peak(sizes, threads=threads))
+            if p == "int8":  # int8 GEMMs: ONNX Runtime's MatMulInteger (torch has no int8 GEMM to offer here)
+                peaks = [ort_int8_gemm_peak(sizes, threads=threads)] if ort_cpu else []
+            else:
+                peaks = [gemm_peak(cfg.device, p, sizes=sizes)]
+                if ort_cpu and p == "fp32":
+                    peaks.append(ort_gemm_peak(sizes, threads=threads))
         except RuntimeError as e:  # e.g. a dtype without a GEMM kernel on this device
             if not any(s.model == "gemm-peak" and s.precision == p for s in result.skipped):
                 result.skipped.append(Skip("gemm-peak", "torch", p, "-", None, str(e).splitlines()[0]))

@@ -31,6 +31,7 @@ from .inspect_cmd import print_report
 from .model_args import add_model_arguments, check_batch_memory, load_model, model_specs
 
 SUFFIX = {"pt": ".deploy.pt", "onnx": ".onnx", "trt": ".engine"}
+PROOF_HELDOUT = 500  # held-out calibration inputs the int8 stage of the proof is judged on
 TARGET_PRECISIONS = {"pt": ("fp32",), "onnx": ("fp32", "int8"), "trt": ("fp32", "tf32", "fp16", "bf16", "int8")}
 
 
@@ -79,8 +80,12 @@ def add_calibration_arguments(p: argparse.ArgumentParser, guard: bool = True) ->
     g.add_argument("--calib", type=Path, metavar="PATH",
                    help="calibration inputs: a directory of images (flat or one sub-folder per class), or a .npy/.npz "
                         "of preprocessed (N, C, H, W) float32 inputs; needed for --precision int8")
-    g.add_argument("--calib-count", type=bounded_int(1, 1 << 20), default=512,
-                   help="calibration images to use (default 512; a quarter more are held out to measure agreement)")
+    g.add_argument("--calib-count", type=bounded_int(1, 1 << 20), default=256,
+                   help="calibration inputs to use (default 256)")
+    if guard:
+        g.add_argument("--calib-holdout", type=bounded_int(0, 1 << 20), default=1000,
+                       help="further inputs of --calib, never calibrated on, on which the accuracy guard measures "
+                            "agreement with fp32 (default 1000; use images like the deployment data)")
     if guard:
         g.add_argument("--min-agreement", type=fraction, default=0.99,
                        help="int8: top-1 agreement with fp32 required on held-out images; below it the most sensitive "
@@ -219,8 +224,16 @@ def _convert(args: argparse.Namespace, plan: dict, profile, doc: dict, quiet: bo
         with torch.inference_mode():
             ref = reference(x)
 
-        def prove(name: str, run_fn, stage_precision: str = "fp32", artifacts: tuple[Path, ...] = ()) -> None:
-            proofs.append(prove_stage(name, run_fn, x, ref, stage_precision, reference=ref_name))
+        def prove(name: str, run_fn, stage_precision: str = "fp32", artifacts: tuple[Path, ...] = (),
+                  inputs: tuple[torch.Tensor, str] | None = None) -> None:
+            """Judge stage ``name`` on the random proof batch, or on ``inputs`` (images, their name)."""
+            if inputs is None:
+                proofs.append(prove_stage(name, run_fn, x, ref, stage_precision, reference=ref_name))
+            else:
+                with torch.inference_mode():
+                    own_ref = reference(inputs[0])
+                proofs.append(prove_stage(name, run_fn, inputs[0], own_ref, stage_precision, reference=ref_name,
+                                          inputs=inputs[1]))
             if not proofs[-1].passed:
                 for a in artifacts:  # a stage that fails its proof leaves nothing behind
                     for f in (a, Path(f"{a}.data"), Path(f"{a}.json")):
@@ -289,24 +302,33 @@ def _onnx_stage(args, doc, deploy, onnx_out: Path, stage, prove, keep: bool) -> 
 
 
 def _int8_stage(args, doc, source: Source, fp32_onnx: Path, int8_out: Path, stage, prove) -> Path:
-    """Quantize ``fp32_onnx`` with the accuracy guard; prove the Q/DQ graph (int8 targets)."""
-    from ..calibration import load_calibration
-    from ..export.quantize import quantize_with_guard
+    """Quantize ``fp32_onnx`` to a Q/DQ graph with the accuracy guard (held-out real images) and prove it."""
+    from ..calibration import load_calibration_split
+    from ..export.quantize import quantize_onnx
     from ..runtime.ort_runner import OrtRunner
 
-    calib, holdout = stage(f"reading calibration inputs {args.calib}", "calib_s", lambda: load_calibration(
-        args.calib, source.input_size, args.calib_count, args.mean, args.std))
-    result = stage("quantizing to int8 (Q/DQ) and measuring agreement", "quantize_s", lambda: quantize_with_guard(
-        fp32_onnx, int8_out, calib, holdout, min_agreement=args.min_agreement))
+    split = stage(f"reading calibration inputs {args.calib}", "calib_s", lambda: load_calibration_split(
+        args.calib, source.input_size, args.calib_count, args.calib_holdout, args.mean, args.std))
+    result = stage("quantizing to int8 (Q/DQ), measuring agreement on held-out inputs", "quantize_s",
+                   lambda: quantize_onnx(fp32_onnx, int8_out, split.calibration, split.holdout,
+                                         min_agreement=args.min_agreement))
     doc["artifacts"]["onnx_int8"] = str(int8_out)
-    doc["int8"] = result.to_dict()
+    doc["int8"] = {"calibration": split.to_dict(), **result.to_dict()}
+    if source.train is not None and source.deploy is not None:
+        from ..verification.weight_sqnr import weight_sqnr_report
+
+        report = weight_sqnr_report(source.train, source.deploy)
+        doc["int8"]["weight_sqnr"] = {**report.to_dict(), "notes": report.lines()}
     runner = OrtRunner(int8_out, "cpu")
-    stage("proving the int8 graph", "prove_int8_s",
-          lambda: prove("onnxruntime (cpu int8)", runner.run, "int8", (int8_out,)))
-    if not result.passed:
+    # judged on real held-out images (random inputs are not what a calibrated graph is made for)
+    held = (torch.from_numpy(split.holdout[:PROOF_HELDOUT]), "held-out") if len(split.holdout) else None
+    stage("proving the int8 graph", "prove_int8_s", lambda: prove("onnxruntime (cpu int8)", runner.run, "int8",
+                                                                  (int8_out,), held))
+    if result.passed is False:
         int8_out.unlink(missing_ok=True)
-        raise VerificationError(f"int8 agreement {result.agreement:.2%} < {args.min_agreement:.0%} on held-out "
-                                "images even with the fallback; the int8 ONNX was not kept")
+        raise VerificationError(f"int8 top-1 agreement {result.stats.top1:.2%} on {result.holdout} held-out inputs "
+                                f"does not reach --min-agreement {args.min_agreement:.2%} with 95 % confidence, even "
+                                f"with {len(result.fallback_nodes)} node(s) kept in float; the int8 ONNX was not kept")
     return int8_out
 
 
@@ -344,8 +366,14 @@ def _finish(args, doc: dict, source: Source, proofs: list[Comparison], quiet: bo
             f"{'dynamic' if o['dynamic_batch'] else 'static'} batch")
     if "int8" in doc:
         q = doc["int8"]
-        say(f"int8: agreement {q['agreement']:.2%} on {q['holdout']} held-out images; "
-            f"{len(q['float_nodes'])} node(s) kept in float")
+        if q["measured"]:
+            say(f"int8: top-1 agreement {q['stats']['top1']:.2%} with fp32 on {q['holdout']} held-out inputs "
+                f"(95 % lower bound {q['agreement_lower_bound']:.2%}, target {q['min_agreement']:.0%})")
+        for node in q["float_nodes"]:
+            say(f"  kept in float: {node['name']} ({node['op_type']}): {node['reason']}", level=1)
+        say(f"int8: {q['quantized_nodes']} node(s) quantized, {len(q['float_nodes'])} kept in float (-v lists them)")
+        for line in q.get("weight_sqnr", {}).get("notes", []):
+            say(styled("note: ", "yellow"), line)
     if "reparameterize_s" in doc["timings"] and source.train is not None:
         say(f"re-parameterized in {doc['timings']['reparameterize_s']:.2f} s")
 
@@ -357,8 +385,8 @@ def proof_table(proofs: list[Comparison]) -> Table:
         t.add_column(col, justify="left" if col in ("stage", "inputs", "targets", "result") else "right")
     for p in proofs:
         s = p.stats
-        targets = [f"rel ≤ {p.tolerance:.0e}"] + ([f"cos ≥ {p.min_cosine}"] if p.min_cosine else []) + (
-            [f"top-1 ≥ {p.min_top1:.0%}"] if p.min_top1 else [])
+        targets = [f"rel ≤ {p.tolerance:g}"] + ([f"cos ≥ {p.min_cosine:g}"] if p.min_cosine else []) + (
+            [f"SQNR ≥ {p.min_sqnr_db:g} dB"] if p.min_sqnr_db else []) + ([f"top-1 ≥ {p.min_top1:.0%}"] if p.min_top1 else [])
         t.add_row(p.candidate, p.inputs, f"{s.max_abs:.2e}", f"{s.rel:.2e}", f"{s.cosine:.8f}", f"{s.sqnr_db:.1f}",
                   f"{s.top1:.0%}", ", ".join(targets), styled("pass", "green") if p.passed else styled("FAIL", "red"))
     return t

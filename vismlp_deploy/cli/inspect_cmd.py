@@ -47,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
             print_report(ReparamReport.from_dict(stored))
         return 0
     print_report(source.deploy.reparam_report)
+    for line in doc["weight_sqnr"]["notes"]:  # where a fold made a weight harder to quantize to int8
+        say(styled("int8 note: ", "yellow"), line)
     return 0
 
 
@@ -68,7 +70,11 @@ def describe(source: Source) -> dict:
     elif source.kind == "deploy artifact":
         doc["report"] = source.meta.get("report")
     else:
+        from ..verification.weight_sqnr import weight_sqnr_report
+
         doc["report"] = source.deploy.reparam_report.to_dict()
+        sqnr = weight_sqnr_report(source.train, source.deploy)
+        doc["weight_sqnr"] = {**sqnr.to_dict(), "notes": sqnr.lines()}
     return doc
 
 

@@ -137,7 +137,7 @@ def _print(result, bis) -> None:
         s = c.stats
         t.add_row(c.candidate, c.precision, c.inputs, f"{s.max_abs:.2e}", f"{s.mean_abs:.2e}", f"{s.rel:.2e}",
                   f"{s.cosine:.8f}", f"{s.sqnr_db:.1f}", f"{s.top1:.0%}", "–" if s.top5 is None else f"{s.top5:.0%}",
-                  f"{s.min_tolerance:.1e}", f"{c.tolerance:.0e}",
+                  f"{s.min_tolerance:.1e}", f"{c.tolerance:g}",
                   styled("pass", "green") if c.passed else styled("FAIL: " + "; ".join(c.failures), "red"))
     print_table(t)
     if bis is None:

@@ -112,7 +112,7 @@ def export_onnx_info(model: nn.Module, path: str | os.PathLike, *, opset: int = 
             proto, simplified = _simplify(proto, (2 if dynamic_batch else batch, *input_size), notes)
         meta = {**_model_metadata(model), "exporter": exporter, "opset": opset, "simplified": simplified,
                 "dynamic_batch": dynamic_batch, **(metadata or {})}
-        _set_metadata(proto, meta)
+        set_metadata(proto, meta)
         _save(proto, tmp, external)
         onnx.checker.check_model(str(tmp), full_check=True)
         issues = audit_graph(onnx.load(str(tmp), load_external_data=False), deploy=hasattr(model, "reparam_report"))
@@ -200,7 +200,7 @@ def _model_metadata(model: nn.Module) -> dict:
     return meta
 
 
-def _set_metadata(proto: onnx.ModelProto, meta: dict) -> None:
+def set_metadata(proto: onnx.ModelProto, meta: dict) -> None:
     """Replace onnxsim's bookkeeping props with ours (``vismlp_deploy.*``, JSON values)."""
     keep = [p for p in proto.metadata_props if not p.key.startswith(("onnxsim.", META_PREFIX))]
     del proto.metadata_props[:]
@@ -258,6 +258,16 @@ def move_into_place(tmpdir: Path, path: Path) -> None:
     os.replace(tmpdir / path.name, path)
 
 
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+
+
+def is_quantized(model: onnx.ModelProto | str | os.PathLike) -> bool:
+    """A Q/DQ (int8) graph: it has QuantizeLinear/DequantizeLinear nodes (float I/O, int8 inside)."""
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    return any(n.op_type in QDQ_OPS for n in model.graph.node)
+
+
 def onnx_summary(path: str | os.PathLike) -> dict:
     """Nodes, op counts, inputs/outputs and whether the graph is quantized (Q/DQ) — for ``inspect``."""
     proto = onnx.load(str(path), load_external_data=False)
@@ -270,7 +280,7 @@ def onnx_summary(path: str | os.PathLike) -> dict:
             "opset": max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=None),
             "inputs": {i.name: dims(i) for i in proto.graph.input if i.name not in inits},
             "outputs": {o.name: dims(o) for o in proto.graph.output},
-            "quantized": counts.get("QuantizeLinear", 0) > 0}
+            "quantized": is_quantized(proto)}
 
 
 def op_counts(proto: onnx.ModelProto) -> dict[str, int]:

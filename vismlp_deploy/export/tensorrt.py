@@ -52,12 +52,11 @@ from ..errors import UserError
 from ..precision import PRECISIONS as ALL_PRECISIONS
 from ..precision import get_precision
 from .fp16_audit import Fp16Audit, audit_fp16, onnx_node_name
-from .onnx import PROTOBUF_LIMIT, move_into_place, read_metadata
+from .onnx import PROTOBUF_LIMIT, is_quantized, move_into_place, read_metadata
 
 # the precisions an engine builds: the package's vocabulary less fp64 (TensorRT has no float64 compute)
 PRECISIONS = tuple(name for name in ALL_PRECISIONS if name != "fp64")
 HALF = ("fp16", "bf16")
-QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
 DEFAULT_DYNAMIC_BATCH = (1, 8, 32)
 MIN_TENSORRT = 10
 MIN_MODELOPT = (0, 33)  # convert_to_mixed_precision is exported from 0.33 (earlier: autocast.convert)
@@ -236,7 +235,7 @@ def save_onnx(proto: onnx.ModelProto, path: Path) -> Path:
 
 def check_quantization(model: onnx.ModelProto, precision: str, onnx_path: Path) -> None:
     """int8 engines build from a Q/DQ ONNX, and a Q/DQ ONNX builds only as int8 (its types are its precision)."""
-    quantized = any(n.op_type in QDQ_OPS for n in model.graph.node)
+    quantized = is_quantized(model)
     if precision == "int8" and not quantized:
         raise UserError(f"{onnx_path} has no QuantizeLinear/DequantizeLinear nodes: an int8 engine is built from a "
                         "quantized (Q/DQ) ONNX. Quantize it first (static calibration, QDQ format, symmetric scales), "

@@ -55,6 +55,11 @@ class RunnerFactory:
         why = b.why_not(self.device, precision)
         if why is not None:
             raise Unavailable(why)
+        if backend in ("onnxruntime", "tensorrt") and self.source.onnx_path is not None and precision != "int8":
+            from ..export.onnx import is_quantized
+
+            if is_quantized(self.source.onnx_path):
+                raise Unavailable(f"{self.source.name} is an int8 (Q/DQ) graph: judge or time it with --precision int8")
         if form not in self.forms(backend):
             raise Unavailable(f"{self.source.name} has no {form} form on {backend} "
                               f"(available: {', '.join(self.forms(backend)) or 'none'})")
@@ -82,7 +87,8 @@ class RunnerFactory:
     def quantized_onnx(self, form: str) -> Path:
         """The int8 Q/DQ graph of ``form``: a given Q/DQ file as it is, else the fp32 export quantized
         with ``calibration`` (no accuracy guard: ``verify`` measures the agreement itself)."""
-        from ..export.quantize import is_quantized, quantize_onnx
+        from ..export.onnx import is_quantized
+        from ..export.quantize import quantize_onnx
 
         src = self.onnx(form)
         if is_quantized(src):
@@ -98,7 +104,7 @@ class RunnerFactory:
 
                 calib = random_images(self.source.input_size, 32, seed=1).numpy()
             out = self.workdir / f"{form}.int8.onnx"
-            quantize_onnx(src, out, calib)
+            quantize_onnx(src, out, calib, min_agreement=0.0)
             self._made[key] = out
         return self._made[key]
 
