@@ -103,7 +103,8 @@ def speed(name: str, args: argparse.Namespace, tmp: Path, log) -> list[dict]:
     x32 = ort32.prepare(x)
     bound = input_only_bound(ort32, int8_path, x)
 
-    cands = {"onnxruntime fp32 deploy": lambda: ort32.run_native(x32), "onnxruntime int8 deploy": lambda: ort8.run_native(x32),
+    cands = {"onnxruntime fp32 deploy": lambda: ort32.run_native(x32),
+             "onnxruntime int8 deploy": lambda: ort8.run_native(x32),
              "torch fp32 train": lambda: train(x)}
     forms = bf16_forms(deploy, x)
     for label, (module, inp, auto) in forms.items():
@@ -123,12 +124,13 @@ def speed(name: str, args: argparse.Namespace, tmp: Path, log) -> list[dict]:
         gops = flops[form] * args.batch / timings[cand].median / 1e9
         met = None if target is None else bool(r.median >= target and (not cand.startswith("onnxruntime int8")
                                                                          or st.cosine >= INT8_MIN_COSINE))
-        rows.append({"section": "speed", "model": name, "candidate": cand, "baseline": base, "ratio": r.median, "rel": st.rel,
-                     "q25": r.quantile(0.25), "q75": r.quantile(0.75), "target": target, "met": met, "ms": ms,
-                     "gops": gops, "peak": peak, "cosine": st.cosine, "sqnr_db": st.sqnr_db,
+        rows.append({"section": "speed", "model": name, "candidate": cand, "baseline": base, "ratio": r.median,
+                     "rel": st.rel, "q25": r.quantile(0.25), "q75": r.quantile(0.75), "target": target, "met": met,
+                     "ms": ms, "gops": gops, "peak": peak, "cosine": st.cosine, "sqnr_db": st.sqnr_db,
                      "agreement": st.top1, **(extra or {})})
 
-    row("onnxruntime fp32 deploy", "onnxruntime fp32 deploy", None, "ort fp32", "deploy", outs["onnxruntime fp32 deploy"])
+    row("onnxruntime fp32 deploy", "onnxruntime fp32 deploy", None, "ort fp32", "deploy",
+        outs["onnxruntime fp32 deploy"])
     gemm_ms, other_ms = ort_op_times(int8_path, x32, args.threads, tmp)
     row("onnxruntime int8 deploy", "onnxruntime fp32 deploy", INT8_TARGET.get(name), "ort int8", "deploy",
         outs["onnxruntime fp32 deploy"], {"float_nodes": len(q.float_nodes), "input_only_cosine": bound.cosine,
@@ -232,10 +234,12 @@ def accuracy(fixtures: Path, args: argparse.Namespace, tmp: Path, log) -> list[d
         top1_ref = _top1(ref, y_test)
         for cand, out, extra in (("onnxruntime int8 deploy", int8_out,
                                   {"float_nodes": len(q.fallback_nodes),
-                                   "note": _guard_note(q, quant_s) + (f"; {len(flagged)} weight(s) flagged" if flagged else "")}),
+                                   "note": _guard_note(q, quant_s)
+                                   + (f"; {len(flagged)} weight(s) flagged" if flagged else "")}),
                                  ("torch bf16 cast deploy", bf16, {})):
             st, st_unseen = compare(out, ref), compare(out[unseen], ref[unseen])
-            top1, top1_unseen, ref_unseen = _top1(out, y_test), _top1(out[unseen], y_test[unseen]), _top1(ref[unseen], y_test[unseen])
+            top1, top1_unseen = _top1(out, y_test), _top1(out[unseen], y_test[unseen])
+            ref_unseen = _top1(ref[unseen], y_test[unseen])
             met = all(t >= r - 0.005 and a >= 0.99 for t, r, a in ((top1, top1_ref, st.top1),
                                                                     (top1_unseen, ref_unseen, st_unseen.top1)))
             rows.append({"section": "accuracy", "model": name, "candidate": cand, "baseline": "torch fp32 train",
@@ -244,7 +248,8 @@ def accuracy(fixtures: Path, args: argparse.Namespace, tmp: Path, log) -> list[d
                          "met": met, "unseen_agreement": st_unseen.top1, "unseen_top1": top1_unseen,
                          "unseen_baseline_top1": ref_unseen, **extra})
         log(f"{name}: fp32 {top1_ref:.4f}, int8 {rows[-2]['top1']:.4f} (agreement {rows[-2]['agreement']:.4f}, "
-            f"unseen {rows[-2]['unseen_agreement']:.4f}), bf16 {rows[-1]['top1']:.4f} (agreement {rows[-1]['agreement']:.4f})")
+            f"unseen {rows[-2]['unseen_agreement']:.4f}), bf16 {rows[-1]['top1']:.4f} "
+            f"(agreement {rows[-1]['agreement']:.4f})")
         for line in flagged:
             log(f"  {line}")
     return rows
@@ -297,9 +302,10 @@ def repmlpnet_fc3(fixtures: Path, args: argparse.Namespace, tmp: Path, log) -> l
         t = train_blocks[path]
         scale, _ = bn_affine(t.fc3_bn)
         fc = (t.fc3.weight.detach().double().view(block.S, block.h * block.w, -1) * scale[:, None, None]).float()
-        kernel, _, _ = T.merge_parallel_kernels([(*T.fold_bn_after(b.conv.weight, None, b.bn.running_mean, b.bn.running_var,
-                                                                   b.bn.weight, b.bn.bias, b.bn.eps), k // 2)
-                                                 for k in t.ks for b in [getattr(t, f"repconv{k}")]])
+        kernel, _, _ = T.merge_parallel_kernels([
+            (*T.fold_bn_after(b.conv.weight, None, b.bn.running_mean, b.bn.running_var, b.bn.weight, b.bn.bias,
+                              b.bn.eps), k // 2)
+            for k in t.ks for b in [getattr(t, f"repconv{k}")]])
         db["folded"].append(int8_weight_sqnr_db(block.weight.detach().reshape(-1, block.weight.shape[-1])))
         db["split"].append(int8_weight_sqnr_db(fc.reshape(-1, fc.shape[-1])))
         parent, _, leaf = path.rpartition(".")
@@ -314,15 +320,17 @@ def repmlpnet_fc3(fixtures: Path, args: argparse.Namespace, tmp: Path, log) -> l
         for form, model in (("folded", folded), ("split", split)):
             for attr in ("arch", "config", "input_size"):
                 setattr(model, attr, getattr(train, attr))
-            assert compare(_batched(model, x_test), ref).rel <= 1e-5, "both forms must compute the train form's function"
+            assert compare(_batched(model, x_test), ref).rel <= 1e-5, \
+                "both forms must compute the train form's function"
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 export_onnx(model, tmp / f"fc3_{form}.onnx")
             quantize_onnx(tmp / f"fc3_{form}.onnx", tmp / f"fc3_{form}.int8.onnx", calibration, min_agreement=0.0)
             out = _batched(OrtRunner(tmp / f"fc3_{form}.int8.onnx").run, x_test)
             st = compare(out, ref)
-            rows.append({"section": "fc3", "model": "repmlpnet_c1", "candidate": f"onnxruntime int8 deploy, taps {form}",
-                         "baseline": "torch fp32 train", "top1": _top1(out, y_test), "baseline_top1": _top1(ref, y_test),
+            rows.append({"section": "fc3", "model": "repmlpnet_c1",
+                         "candidate": f"onnxruntime int8 deploy, taps {form}", "baseline": "torch fp32 train",
+                         "top1": _top1(out, y_test), "baseline_top1": _top1(ref, y_test),
                          "agreement": st.top1, "cosine": st.cosine, "sqnr_db": st.sqnr_db, "rel": st.rel,
                          "note": f"fc3 int8 weight SQNR {min(db[form]):.1f}-{max(db[form]):.1f} dB"})
             log(f"repmlpnet_c1 fc3 taps {form}: agreement {st.top1:.4f}, SQNR {st.sqnr_db:.1f} dB, {rows[-1]['note']}")
@@ -353,7 +361,8 @@ def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str
     out = ["# Precision: INT8 (ONNX Runtime Q/DQ) and BF16 (torch) against fp32", "",
            "Written by `benchmarks/precision.py`; do not edit by hand.", "", "## How these numbers were made", "",
            f"```\n{command}\n```", "",
-           f"- CPU: {info['cpu']} ({info['cpu_count']} logical CPUs), {info['threads']} threads for torch and ONNX Runtime;"
+           f"- CPU: {info['cpu']} ({info['cpu_count']} logical CPUs), {info['threads']} threads for torch and "
+           "ONNX Runtime;"
            f" 1-minute load average {info['load_average']} at the start, {info['load_average_end']} at the end "
            "(above the thread count: the CPUs were shared, absolute times are inflated, ratios less so)",
            f"- {info['platform']}, Python {info['python']}, torch {info['torch']}, onnxruntime {info['onnxruntime']}, "
@@ -367,7 +376,8 @@ def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str
                 "Ratios: median of per-round ratios (baseline time / candidate time, calls made back to back), "
                 "with the quartiles. *Cosine*: worst per-sample cosine of the candidate's logits against the "
                 "baseline's (int8: against the fp32 deploy graph; bf16: against the fp32 train form).", "",
-                "| model | candidate | vs | ratio | quartiles | target | | ms | GOP/s | % of peak | cosine | SQNR dB | note |",
+                "| model | candidate | vs | ratio | quartiles | target | | ms | GOP/s | % of peak | cosine | SQNR dB "
+                "| note |",
                 "|---|---|---|--:|--:|--:|---|--:|--:|--:|--:|--:|---|"]
         for r in speed_rows:
             met = "" if r["met"] is None else ("met" if r["met"] else "**not met**")
@@ -390,7 +400,8 @@ def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str
                 "SQNR dB | float | | note |",
                 "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|"]
         for r in acc_rows:
-            out.append(f"| {r['model']} | {r['candidate']} | {100 * r['baseline_top1']:.2f} % | {100 * r['top1']:.2f} % | "
+            out.append(f"| {r['model']} | {r['candidate']} | {100 * r['baseline_top1']:.2f} % | "
+                       f"{100 * r['top1']:.2f} % | "
                        f"{100 * r['agreement']:.2f} % | {100 * r['unseen_agreement']:.2f} % | {r['cosine']:.5f} | "
                        f"{r['sqnr_db']:.1f} | {r.get('float_nodes', '')} | {'met' if r['met'] else '**not met**'} | "
                        f"{r.get('note', '')} |")
@@ -405,7 +416,8 @@ def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str
                 "| form | fc3 int8 weight SQNR | agreement | cosine | SQNR dB | top-1 |", "|---|---|--:|--:|--:|--:|"]
         for r in fc3_rows:
             out.append(f"| {r['candidate']} | {r['note'].removeprefix('fc3 int8 weight SQNR ')} | "
-                       f"{100 * r['agreement']:.2f} % | {r['cosine']:.5f} | {r['sqnr_db']:.1f} | {100 * r['top1']:.2f} % |")
+                       f"{100 * r['agreement']:.2f} % | {r['cosine']:.5f} | {r['sqnr_db']:.1f} | "
+                       f"{100 * r['top1']:.2f} % |")
         out.append("")
     out += NOTES
     return "\n".join(out)

@@ -24,7 +24,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import re
 import shlex
 import sys
@@ -44,6 +43,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import Tensor, nn  # noqa: E402
 
 import vismlp_deploy  # noqa: E402
+from vismlp_deploy.benchmark.machine import cpu_model  # noqa: E402
 from vismlp_deploy.datasets import load_fashion_mnist  # noqa: E402
 from vismlp_deploy.errors import UserError  # noqa: E402
 from vismlp_deploy.models.registry import get_format  # noqa: E402
@@ -235,16 +235,6 @@ def upstream_state_dict(fx: Fixture, model: nn.Module) -> StateDict:
     return up
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_fixture(fx: Fixture, args: argparse.Namespace, data: dict, progress: Progress) -> dict:
     epochs = args.epochs or fx.epochs
     recipe = Recipe(seed=args.seed)
@@ -276,7 +266,7 @@ def run_fixture(fx: Fixture, args: argparse.Namespace, data: dict, progress: Pro
         "epochs": epochs, "recipe": asdict(recipe),
         "train_time_s": round(train_s, 1), "test_correct": correct, "test_images": len(y_test),
         "test_top1": correct / len(y_test), "eval_batch": EVAL_BATCH,
-        "torch": torch.__version__, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cpu": cpu_model(), "threads": torch.get_num_threads(),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
     }
 

@@ -18,10 +18,13 @@ from vismlp_deploy import create_model, reparameterize
 from vismlp_deploy.calibration import load_calibration, load_calibration_split
 from vismlp_deploy.errors import UserError
 from vismlp_deploy.export.onnx import export_onnx, read_metadata
-from vismlp_deploy.export.quantize import (_factor_batched_weight_scales, _left_weights_to_right,
-                                           agreement_lower_bound, quantize_onnx)
+from vismlp_deploy.export.quantize import (
+    _factor_batched_weight_scales,
+    _left_weights_to_right,
+    agreement_lower_bound,
+    quantize_onnx,
+)
 from vismlp_deploy.models.init import randomize_
-from vismlp_deploy.precision import PRECISIONS
 from vismlp_deploy.runtime.ort_runner import OrtRunner
 from vismlp_deploy.verification.images import preprocess
 from vismlp_deploy.verification.stats import SQNR_CAP_DB, compare
@@ -265,7 +268,8 @@ def test_left_weights_to_right_is_exact(m, k, n, lead, seed) -> None:
     proto = _left_matmul_model(w, x.shape)
     _left_weights_to_right(proto)
     (mm,) = [nd for nd in proto.graph.node if nd.op_type == "MatMul"]
-    assert mm.input[1] in {t.name for t in proto.graph.initializer} and "w" not in {t.name for t in proto.graph.initializer}
+    initializers = {t.name for t in proto.graph.initializer}
+    assert mm.input[1] in initializers and "w" not in initializers
     y = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     ref = 1 / (1 + np.exp(-np.matmul(w.astype(np.float64), x.astype(np.float64))))
     assert y.shape == ref.shape and np.abs(y - ref).max() <= 1e-6

@@ -63,7 +63,8 @@ def load_calibration_split(path: str | Path, input_size: tuple[int, int, int], c
     """
     if count < 1 or holdout < 0:
         raise UserError(f"calibration count must be >= 1 and held-out count >= 0 (got {count}, {holdout})")
-    x, source = _load(Path(path), tuple(input_size), count + holdout, mean, std, seed, wanted=f"{count} + {holdout} held out")
+    x, source = _load(Path(path), tuple(input_size), count + holdout, mean, std, seed,
+                      wanted=f"{count} + {holdout} held out")
     if len(x) >= count + holdout or not holdout:
         n_cal = min(count, len(x))
     else:  # both parts shrink in proportion, each keeping one sample where there are two or more

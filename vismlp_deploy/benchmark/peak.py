@@ -10,8 +10,8 @@ INT8 (a Q/DQ graph on ONNX Runtime) is read against :func:`ort_int8_gemm_peak`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -54,23 +54,11 @@ def gemm_peak(device: str = "cpu", precision: str = "fp32", sizes: tuple[int, ..
 def ort_gemm_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5, threads: int | None = None) -> GemmPeak:
     """:func:`gemm_peak` for ONNX Runtime's CPU ``MatMul`` (fp32; B a constant, as model weights are)."""
     import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     def make_call(n: int) -> Callable[[], None]:
         rng = np.random.default_rng(n)
-        a = rng.standard_normal((n, n), dtype=np.float32)
-        b = numpy_helper.from_array(rng.standard_normal((n, n), dtype=np.float32), "b")
-        graph = helper.make_graph([helper.make_node("MatMul", ["a", "b"], ["c"])], "gemm",
-                                  [helper.make_tensor_value_info("a", TensorProto.FLOAT, [n, n])],
-                                  [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])], [b])
-        # IR version 8 (opset 17): old enough for every onnxruntime this package supports
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return lambda: session.run(None, {"a": a})
+        return _ort_gemm_call("MatMul", rng.standard_normal((n, n), dtype=np.float32),
+                              rng.standard_normal((n, n), dtype=np.float32), np.dtype(np.float32), threads)
 
     best, n = _best_rate(make_call, sizes, repeats)
     return GemmPeak(best, n, "fp32", "cpu", threads or 0, "onnxruntime MatMul")
@@ -86,28 +74,38 @@ def ort_int8_gemm_peak(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 5, 
     reached ~90 % of this on the machine of ``docs/precision.md``.
     """
     import numpy as np
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
 
     def make_call(n: int) -> Callable[[], None]:
         rng = np.random.default_rng(n)
-        a = rng.integers(0, 256, (n, n), dtype=np.uint8)
-        b = numpy_helper.from_array(rng.integers(-127, 128, (n, n), dtype=np.int8), "b")
-        graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "gemm_int8",
-                                  [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
-                                  [helper.make_tensor_value_info("c", TensorProto.INT32, [n, n])], [b])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        return lambda: session.run(None, {"a": a})
+        return _ort_gemm_call("MatMulInteger", rng.integers(0, 256, (n, n), dtype=np.uint8),
+                              rng.integers(-127, 128, (n, n), dtype=np.int8), np.dtype(np.int32), threads)
 
     best, n = _best_rate(make_call, sizes, repeats)
     return GemmPeak(best, n, "int8", "cpu", threads or 0, "onnxruntime MatMulInteger u8s8")
 
 
-def _best_rate(make_call: Callable[[int], Callable[[], None]], sizes: tuple[int, ...], repeats: int) -> tuple[float, int]:
+def _ort_gemm_call(op: str, a, b, out_dtype, threads: int | None) -> Callable[[], None]:
+    """One ONNX Runtime CPU session computing ``op(a, B)``, B = ``b`` a constant (as model weights are,
+    so the kernel may pre-pack it); returns the call. a, b: numpy (n, n) arrays; out_dtype: numpy dtype."""
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+    from onnx.helper import np_dtype_to_tensor_dtype as onnx_type
+
+    graph = helper.make_graph([helper.make_node(op, ["a", "b"], ["c"])], "gemm",
+                              [helper.make_tensor_value_info("a", onnx_type(a.dtype), list(a.shape))],
+                              [helper.make_tensor_value_info("c", onnx_type(out_dtype), list(a.shape))],
+                              [numpy_helper.from_array(b, "b")])
+    # IR version 8 (opset 17): old enough for every onnxruntime this package supports
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return lambda: session.run(None, {"a": a})
+
+
+def _best_rate(make_call: Callable[[int], Callable[[], None]], sizes: tuple[int, ...],
+               repeats: int) -> tuple[float, int]:
     """Best GFLOP/s of an n x n x n GEMM call over sizes × repeats, each size warmed up once first
     (allocations, thread pool, cuBLAS handle, weight pre-packing). Returns (GFLOP/s, n)."""
     best, best_n = 0.0, sizes[0]

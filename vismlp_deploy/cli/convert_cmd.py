@@ -385,8 +385,9 @@ def proof_table(proofs: list[Comparison]) -> Table:
         t.add_column(col, justify="left" if col in ("stage", "inputs", "targets", "result") else "right")
     for p in proofs:
         s = p.stats
-        targets = [f"rel ≤ {p.tolerance:g}"] + ([f"cos ≥ {p.min_cosine:g}"] if p.min_cosine else []) + (
-            [f"SQNR ≥ {p.min_sqnr_db:g} dB"] if p.min_sqnr_db else []) + ([f"top-1 ≥ {p.min_top1:.0%}"] if p.min_top1 else [])
+        targets = [f"rel ≤ {p.tolerance:g}"] + ([f"cos ≥ {p.min_cosine:g}"] if p.min_cosine else []) \
+            + ([f"SQNR ≥ {p.min_sqnr_db:g} dB"] if p.min_sqnr_db else []) \
+            + ([f"top-1 ≥ {p.min_top1:.0%}"] if p.min_top1 else [])
         t.add_row(p.candidate, p.inputs, f"{s.max_abs:.2e}", f"{s.rel:.2e}", f"{s.cosine:.8f}", f"{s.sqnr_db:.1f}",
                   f"{s.top1:.0%}", ", ".join(targets), styled("pass", "green") if p.passed else styled("FAIL", "red"))
     return t

@@ -44,9 +44,9 @@ import logging
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import onnx
@@ -180,8 +180,8 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
         excluded = work.unquantizable() + [FloatNode(n, work.op_type(n), "excluded by the caller") for n in exclude]
         guard = _Guard(onnx_path, holdout, batch, threads) if holdout is not None else None
         path = work.quantize([n.name for n in excluded])
-        result = QuantizeResult(out_path, min_agreement, method, len(calibration), 0 if holdout is None else len(holdout),
-                                work.quantized(path), excluded, None)
+        result = QuantizeResult(out_path, min_agreement, method, len(calibration),
+                                0 if holdout is None else len(holdout), work.quantized(path), excluded, None)
         if guard is not None:
             result.stats = guard.measure(path)
             result.rounds.append(GuardRound(len(excluded), result.stats))
@@ -192,7 +192,7 @@ def quantize_onnx(onnx_path: str | os.PathLike, out_path: str | os.PathLike, cal
     return result
 
 
-def _fall_back(work: "_Workdir", guard: "_Guard", result: QuantizeResult, path: Path, max_rounds: int) -> Path:
+def _fall_back(work: _Workdir, guard: _Guard, result: QuantizeResult, path: Path, max_rounds: int) -> Path:
     """Keep the most damaging nodes in float: 1, 2, 4 ... of them until the target is met, then bisect
     between the last miss and the first hit for the fewest that meet it. Updates ``result``."""
     base = list(result.float_nodes)
@@ -312,7 +312,8 @@ class _Workdir:
                    "percentile": CalibrationMethod.Percentile}
         with _quiet_ort():
             quantize_static(
-                str(self.float_path), str(out), _Reader(self.calibration, self.input_name, self.batch, self.static_batch),
+                str(self.float_path), str(out),
+                _Reader(self.calibration, self.input_name, self.batch, self.static_batch),
                 quant_format=QuantFormat.QDQ, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
                 per_channel=True, op_types_to_quantize=list(INT8_OP_TYPES), nodes_to_exclude=list(exclude),
                 calibrate_method=methods[self.method],

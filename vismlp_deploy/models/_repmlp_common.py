@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -191,3 +191,20 @@ def min_input_side(sizes: Iterable[int], patch: int) -> int:
     for i, p in enumerate(sizes):
         side = math.lcm(side, p * 2 ** i)
     return side * patch
+
+
+def merged_local_perceptron(block: nn.Module, ctx) -> tuple[Tensor, Tensor, int]:
+    """The local-perceptron branches ``repconv{k}`` (k in ``block.ks``) of a RepMLP block summed into one
+    centre-padded depthwise kernel: (kernel, bias, padding), float64.
+
+    Each branch is a conv+BN: already folded by the post-order walker (a conv), or folded here
+    (a block converted on its own). Parallel convs on the same input with padding k//2 add up
+    exactly once their kernels are centre-padded to the largest size.
+    """
+    branches = []
+    for k in block.ks:
+        branch = getattr(block, f"repconv{k}")
+        if hasattr(branch, "reparameterize"):  # not yet converted by the walker
+            branch = branch.reparameterize(ctx.child(f"repconv{k}"))
+        branches.append((branch.weight.double(), branch.bias.double(), k // 2))
+    return T.merge_parallel_kernels(branches)

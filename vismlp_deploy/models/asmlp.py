@@ -30,7 +30,7 @@ from ..errors import CheckpointError
 from ..reparam import transforms as T
 from ..reparam.shift import shift_by_slicing
 from ..reparam.walker import ReparamContext
-from .layers import clone_conv, clone_linear, exporting
+from .layers import PointwiseMlp, clone_conv, clone_linear, exporting
 from .registry import StateDict, register_config, register_format
 
 GN_EPS = 1e-5
@@ -106,23 +106,13 @@ class AxialShift(nn.Module):
         return self.conv3(self.norm2(lr + td))
 
 
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.fc2 = nn.Conv2d(hidden, dim, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
-
-
 class AxialShiftedBlock(nn.Module):
     def __init__(self, dim: int, shift_size: int, mlp_ratio: float, as_bias: bool):
         super().__init__()
         self.norm1 = nn.GroupNorm(1, dim, eps=GN_EPS)
         self.axial_shift = AxialShift(dim, shift_size, as_bias)
         self.norm2 = nn.GroupNorm(1, dim, eps=GN_EPS)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = PointwiseMlp(dim, int(dim * mlp_ratio), nn.GELU())
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.axial_shift(self.norm1(x))

@@ -71,3 +71,16 @@ class ConvBN(nn.Sequential):
     def reparameterize(self, ctx: ReparamContext) -> nn.Module:
         ctx.folded("BatchNorm2d->Conv2d")
         return fuse_conv_bn(self.conv, self.bn)
+
+
+class PointwiseMlp(nn.Module):
+    """``fc2(act(fc1(x)))`` with 1x1 convs on (N, C, H, W) (keys ``fc1``, ``fc2``; the activation has none)."""
+
+    def __init__(self, channels: int, hidden: int, act: nn.Module):
+        super().__init__()
+        self.fc1 = nn.Conv2d(channels, hidden, 1)
+        self.act = act
+        self.fc2 = nn.Conv2d(hidden, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
-from ._repmlp_common import split_hw
+from ._repmlp_common import merged_local_perceptron, split_hw
 from .layers import ConvBN, bn_affine, clone_conv, clone_linear
 from .registry import register_config, register_format
 
@@ -96,13 +96,7 @@ class RepMLP(nn.Module):
         w64 = w.detach().double() * s.reshape(-1, 1, 1, 1)  # kept in float64 until the one final cast
         ctx.folded("BatchNorm1d->fc3", "fc3_bn")
         if self.ks:
-            branches = []
-            for k in self.ks:
-                branch = getattr(self, f"repconv{k}")
-                if isinstance(branch, ConvBN):  # not yet converted by the walker
-                    branch = branch.reparameterize(ctx.child(f"repconv{k}"))
-                branches.append((branch.weight.double(), branch.bias.double(), k // 2))
-            kernel, kbias, pad = T.merge_parallel_kernels(branches)
+            kernel, kbias, pad = merged_local_perceptron(self, ctx)
             fc, fc_b = T.conv_to_fc(kernel, kbias, self.h, self.w, groups=self.groups, padding=pad)
             w64 = w64 + fc.reshape(w64.shape)
             b64 = b64 + fc_b

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,9 +19,16 @@ from torch import Tensor, nn
 from ..errors import CheckpointError
 from ..reparam import transforms as T
 from ..reparam.walker import ReparamContext
-from ._repmlp_common import (fold_conv_bn_, fold_sharesets_fc_,
-                             min_input_side, sharesets_partition, sharesets_reassemble, split_hw)
-from .layers import ConvBN, bn_affine, clone_conv, clone_linear
+from ._repmlp_common import (
+    fold_conv_bn_,
+    fold_sharesets_fc_,
+    merged_local_perceptron,
+    min_input_side,
+    sharesets_partition,
+    sharesets_reassemble,
+    split_hw,
+)
+from .layers import ConvBN, PointwiseMlp, bn_affine, clone_conv, clone_linear
 from .registry import register_config, register_format
 
 
@@ -56,17 +63,14 @@ def conv_bn_pair(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(conv=nn.Conv2d(cin, cout, 1, bias=False), bn=nn.BatchNorm2d(cout)))
 
 
-class GlobalPerceptron(nn.Module):
+class GlobalPerceptron(PointwiseMlp):
     """Channel gate: mean -> 1x1 fc1 -> ReLU -> 1x1 fc2 -> sigmoid. (N,C,H,W) -> (N,C,1,1)."""
 
     def __init__(self, channels: int, internal: int):
-        super().__init__()
-        self.fc1 = nn.Conv2d(channels, internal, 1)
-        self.fc2 = nn.Conv2d(internal, channels, 1)
+        super().__init__(channels, internal, nn.ReLU())
 
     def forward(self, x: Tensor) -> Tensor:
-        v = x.mean((2, 3), keepdim=True)
-        return torch.sigmoid(self.fc2(F.relu(self.fc1(v))))
+        return torch.sigmoid(super().forward(x.mean((2, 3), keepdim=True)))
 
 
 class RepMLPNetBlock(nn.Module):
@@ -89,7 +93,8 @@ class RepMLPNetBlock(nn.Module):
         if not deploy:
             self.fc3_bn = nn.BatchNorm2d(num_sharesets)
         for k in self.ks:
-            self.add_module(f"repconv{k}", ConvBNInPlace(num_sharesets, num_sharesets, k, padding=k // 2, groups=num_sharesets))
+            self.add_module(f"repconv{k}",
+                            ConvBNInPlace(num_sharesets, num_sharesets, k, padding=k // 2, groups=num_sharesets))
 
     def forward(self, x: Tensor) -> Tensor:
         gate = self.gp(x)
@@ -112,13 +117,7 @@ class RepMLPNetBlock(nn.Module):
             s, t = torch.ones(n_s, dtype=torch.float64), torch.zeros(n_s, dtype=torch.float64)
         kernel = kbias = None
         if self.ks:
-            branches = []
-            for k in self.ks:
-                branch = getattr(self, f"repconv{k}")
-                if isinstance(branch, ConvBNInPlace):  # not yet converted by the walker
-                    branch = branch.reparameterize(ctx.child(f"repconv{k}"))
-                branches.append((branch.weight, branch.bias, k // 2))
-            kernel, kbias, _ = T.merge_parallel_kernels(branches)
+            kernel, kbias, _ = merged_local_perceptron(self, ctx)
             ctx.folded("Conv2d->fc3 (locality injection)", "repconv*")
         bias = fold_sharesets_fc_(weight, s, t, kernel, kbias, self.h, self.w)
         if self.fc3.bias is not None:
@@ -201,7 +200,7 @@ class RepMLPNetUnit(nn.Module):
                          "move backwards either, because the residual stream needs x unscaled")
         return self
 
-    def _fold_prebn1(self, block: "RepMLPNetDeployBlock") -> None:
+    def _fold_prebn1(self, block: RepMLPNetDeployBlock) -> None:
         """S == C: each channel owns its (hw × hw) matrix and the fc has no padding, so
         ``W_c (s_c x + t_c) + b = (s_c W_c) x + (b + t_c rowsum(W_c))``; the gate's fc1
         sees the mean of ``s x + t`` = ``s mean(x) + t`` (a 1x1 conv, exact)."""
@@ -300,7 +299,8 @@ def _infer_config(deploy: bool):
                 hs.append(h)
                 ws.append(w)
             prefix = "stages.0.0.repmlp_block."
-            ks = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(re.escape(prefix) + r"repconv(\d+)\.conv\.weight", k)))
+            pattern = re.escape(prefix) + r"repconv(\d+)\.conv\.weight"
+            ks = sorted(int(m.group(1)) for k in sd if (m := re.fullmatch(pattern, k)))
             gp = sd[prefix + "gp.fc1.weight"].shape[0]
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"not a complete RepMLPNet state_dict ({e})") from None

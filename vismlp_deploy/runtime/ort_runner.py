@@ -51,25 +51,24 @@ class OrtRunner(Runner):
     ``session.qdqisint8allowed`` would keep them s8s8, which ran about 10x slower here.
     """
 
-    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None, name: str | None = None,
-                 spin: bool = True):
+    def __init__(self, path: str | os.PathLike, provider: str = "cpu", threads: int | None = None,
+                 name: str | None = None, spin: bool = True):
         import onnxruntime as ort
 
         if provider not in PROVIDERS:
             raise UserError(f"unknown ONNX Runtime provider {provider!r}; choose one of {', '.join(PROVIDERS)}")
         if provider not in available_providers():
             raise UserError(f"ONNX Runtime provider {provider!r} is not available in this onnxruntime build "
-                            f"(available: {', '.join(available_providers())}); for GPU providers install onnxruntime-gpu")
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                            f"(available: {', '.join(available_providers())}); "
+                            "for GPU providers install onnxruntime-gpu")
+        self._path, self._providers = str(path), PROVIDERS[provider]
+        self._options = ort.SessionOptions()
+        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
-            opts.intra_op_num_threads = threads
+            self._options.intra_op_num_threads = threads
         if not spin:
-            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), opts, providers=PROVIDERS[provider])
-        except _ort_errors() as e:  # a model onnxruntime cannot load (an op it lacks, a bad graph)
-            raise UserError(f"{path}: ONNX Runtime cannot load it ({first_line(e)})") from None
+            self._options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self._activate()  # the session tells the I/O names and types; deactivate() frees it, activate() reloads it
         (inp,), (out, *_) = self.session.get_inputs(), self.session.get_outputs()
         self.input_name, self.output_name = inp.name, out.name
         self.precision, self._np_dtype = _ORT_DTYPES.get(inp.type, ("fp32", np.float32))
@@ -79,6 +78,18 @@ class OrtRunner(Runner):
         self.provider = provider
         self.device = "cpu" if provider == "cpu" else "cuda"
         self.name = name or f"onnxruntime-{provider}"
+        self.is_active = True
+
+    def _activate(self) -> None:
+        import onnxruntime as ort
+
+        try:
+            self.session = ort.InferenceSession(self._path, self._options, providers=self._providers)
+        except _ort_errors() as e:  # a model onnxruntime cannot load (an op it lacks, a bad graph)
+            raise UserError(f"{self._path}: ONNX Runtime cannot load it ({first_line(e)})") from None
+
+    def _deactivate(self) -> None:
+        self.session = None
 
     def prepare(self, batch: Tensor) -> np.ndarray:
         return batch.detach().cpu().numpy().astype(self._np_dtype, copy=False)
@@ -104,8 +115,9 @@ class OrtRunner(Runner):
                             f"({first_line(e)})") from None
 
     def run(self, batch: Tensor) -> Tensor:
+        self.activate()
         return torch.from_numpy(np.asarray(self.run_native(self.prepare(batch)), dtype=np.float32))
 
     def describe(self) -> dict:
         return {**super().describe(), "provider": self.provider, "static_batch": self.static_batch,
-                "providers": self.session.get_providers()}
+                "providers": self.session.get_providers() if self.session is not None else self._providers}

@@ -60,7 +60,8 @@ class WeightSQNRReport:
                 f"({layer.drop_db:.1f} dB = {layer.drop_db / 6.02:.1f} bits lost)" for layer in self.flagged]
 
     def to_dict(self) -> dict:
-        return {"rule": f"flagged when the deploy weight's int8 SQNR is >= {self.drop_db:g} dB below the train weight's",
+        return {"rule": f"flagged when the deploy weight's int8 SQNR is >= {self.drop_db:g} dB below the train "
+                        "weight's",
                 "flagged": [layer.deploy_name for layer in self.flagged], "layers": [x.to_dict() for x in self.layers]}
 
 
