@@ -123,3 +123,20 @@ def test_cli_verify_fails_with_exit_1_and_bad_runner_exits_2(ckpt, capsys):
     assert "verification failed" in capsys.readouterr().err
     assert main(["verify", str(ckpt), "--runners", "train"]) == 2
     assert main(["verify", str(ckpt), "--runners", "train,tflite"]) == 2
+
+
+def test_cli_verify_saves_and_reloads_input_sets(ckpt, tmp_path, capsys):
+    """--save-inputs then --load-inputs runs on exactly the same arrays; --save-outputs keeps every runner's."""
+    inputs, outputs = tmp_path / "in.npz", tmp_path / "out.npz"
+    assert main(["verify", str(ckpt), "--images", "none", "--proof-batch", "3", "--save-inputs", str(inputs),
+                 "--save-outputs", str(outputs), "--json"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert main(["verify", str(ckpt), "--load-inputs", str(inputs), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [c["max_abs"] for c in again["comparisons"]] == [c["max_abs"] for c in first["comparisons"]]
+    with np.load(inputs) as f:
+        assert set(f.files) == {"random"} and f["random"].shape == (3, 3, 32, 32)
+    with np.load(outputs) as f:
+        assert set(f.files) == {"train/random", "deploy/random", "onnxruntime/random"}
+        assert np.abs(f["deploy/random"] - f["train/random"]).max() <= 1e-5 * np.abs(f["train/random"]).max()
+    assert main(["verify", str(ckpt), "--load-inputs", str(tmp_path / "missing.npz")]) == 2

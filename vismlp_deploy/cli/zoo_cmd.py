@@ -13,7 +13,7 @@ from ..models.cost import config_cost
 from ..models.init import randomize_
 from ..models.registry import configs, create_model, formats, get_config
 from ..reparam.report import count_params
-from .common import atomic_output, input_size, print_json, print_table, say
+from .common import atomic_output, input_size, print_json, print_table, say, status
 from .model_args import SEED
 
 
@@ -34,8 +34,10 @@ def run(args: argparse.Namespace) -> int:
     if args.set or args.out or args.input_size:
         raise UserError("--set, --out and --input-size go with --init NAME")
     rows = []
+    with status("counting parameters and FLOPs (meta tensors)"):
+        costs = {c.name: config_cost(c.format, c.config) for c in configs().values()}
     for c in configs().values():
-        params, flops = config_cost(c.format, c.config)
+        params, flops = costs[c.name]
         fmt = formats()[c.format]
         rows.append({"name": c.name, "format": c.format, "family": fmt.family, "params": params, "gflops": flops / 1e9,
                      "input_size": list(fmt.input_size(c.config)), "description": c.description})
