@@ -31,7 +31,7 @@ def add_model_arguments(p: argparse.ArgumentParser, *, many: bool = False) -> No
     g.add_argument("--seed", type=SEED, default=0, help="seed of random weights (named configs) and random inputs")
     g.add_argument("--max-memory", type=byte_size, metavar="SIZE",
                    help="refuse models whose estimated weights + activations exceed SIZE, e.g. 16G "
-                        "(default: the memory available)")
+                        "(default: half the memory available)")
 
 
 def model_specs(args: argparse.Namespace) -> list[str]:
