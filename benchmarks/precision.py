@@ -51,7 +51,7 @@ from vismlp_deploy.export.onnx import export_onnx  # noqa: E402
 from vismlp_deploy.export.quantize import quantize_onnx  # noqa: E402
 from vismlp_deploy.reparam.report import count_flops  # noqa: E402
 from vismlp_deploy.runtime.ort_runner import OrtRunner  # noqa: E402
-from vismlp_deploy.verification.proof import proof_inputs  # noqa: E402
+from vismlp_deploy.verification.inputs import random_images  # noqa: E402
 from vismlp_deploy.verification.stats import Stats, compare  # noqa: E402
 
 SPEED_MODELS = ("resmlp_12", "mixer_b16", "repmlpnet_b224")
@@ -88,8 +88,8 @@ def speed(name: str, args: argparse.Namespace, tmp: Path, log) -> list[dict]:
 
     source = from_named_config(name, 0)
     train, deploy = source.train.eval(), source.deploy.eval()
-    x = proof_inputs(source.input_size, args.batch, seed=2)
-    calib = proof_inputs(source.input_size, 16, seed=1).numpy()
+    x = random_images(source.input_size, args.batch, seed=2)
+    calib = random_images(source.input_size, 16, seed=1).numpy()
     fp32_path, int8_path = tmp / f"{name}.fp32.onnx", tmp / f"{name}.int8.onnx"
     t0 = time.perf_counter()
     with warnings.catch_warnings():
@@ -382,10 +382,10 @@ def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str
         for r in speed_rows:
             met = "" if r["met"] is None else ("met" if r["met"] else "**not met**")
             target = "" if r["target"] is None else f"≥ {r['target']}"
-            out.append(f"| {r['model']} | {r['candidate']} | {r['baseline']} | {r['ratio']:.2f} | {r['q25']:.2f} – "
-                       f"{r['q75']:.2f} | {target} | {met} | {r['ms']:.0f} | {r['gops']:.0f} | "
-                       f"{100 * r['fraction_of_peak']:.0f} % ({r['peak_kernel']}) | {r['cosine']:.5f} | "
-                       f"{r['sqnr_db']:.1f} | {r.get('note', '')} |")
+            out.append(md_row(r["model"], r["candidate"], r["baseline"], f"{r['ratio']:.2f}",
+                              f"{r['q25']:.2f} – {r['q75']:.2f}", target, met, f"{r['ms']:.0f}", f"{r['gops']:.0f}",
+                              f"{100 * r['fraction_of_peak']:.0f} % ({r['peak_kernel']})", f"{r['cosine']:.5f}",
+                              f"{r['sqnr_db']:.1f}", r.get("note", "")))
         out.append("")
     acc_rows = [r for r in rows if r["section"] == "accuracy"]
     if acc_rows:
@@ -400,11 +400,10 @@ def markdown(rows: list[dict], info: dict, pk: dict[str, GemmPeak], command: str
                 "SQNR dB | float | | note |",
                 "|---|---|--:|--:|--:|--:|--:|--:|--:|---|---|"]
         for r in acc_rows:
-            out.append(f"| {r['model']} | {r['candidate']} | {100 * r['baseline_top1']:.2f} % | "
-                       f"{100 * r['top1']:.2f} % | "
-                       f"{100 * r['agreement']:.2f} % | {100 * r['unseen_agreement']:.2f} % | {r['cosine']:.5f} | "
-                       f"{r['sqnr_db']:.1f} | {r.get('float_nodes', '')} | {'met' if r['met'] else '**not met**'} | "
-                       f"{r.get('note', '')} |")
+            out.append(md_row(r["model"], r["candidate"], f"{100 * r['baseline_top1']:.2f} %",
+                              f"{100 * r['top1']:.2f} %", f"{100 * r['agreement']:.2f} %",
+                              f"{100 * r['unseen_agreement']:.2f} %", f"{r['cosine']:.5f}", f"{r['sqnr_db']:.1f}",
+                              r.get("float_nodes", ""), "met" if r["met"] else "**not met**", r.get("note", "")))
         out.append("")
     fc3_rows = [r for r in rows if r["section"] == "fc3"]
     if fc3_rows:
@@ -484,6 +483,11 @@ def _write_atomic(text: str, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def md_row(*cells) -> str:
+    """One markdown table row."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def main(argv: list[str] | None = None) -> int:
