@@ -136,3 +136,25 @@ def test_a_deploy_artifact_exports_against_its_own_form(ckpt, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert code == 0 and [r["candidate"] for r in doc["proof"]] == ["onnxruntime (cpu fp32)"]
     assert doc["proof"][0]["reference"] == "deploy (torch fp32)" and ckpt.with_name("toy.onnx").is_file()
+
+
+def test_int8_from_an_onnx_file_and_an_int8_graph_is_not_quantized_again(ckpt, tmp_path, capsys):
+    """--to onnx --precision int8 of an fp32 .onnx quantizes it; a Q/DQ .onnx is refused for --to onnx and needs no
+    --calib for --to trt (without TensorRT that stops at exit 2 after the checks, with nothing new written)."""
+    import numpy as np
+
+    calib = tmp_path / "calib.npy"
+    np.save(calib, torch.randn(300, 3, 16, 16, generator=torch.Generator().manual_seed(0)).numpy())
+    assert _convert(capsys, ckpt, "--to", "onnx")[0] == 0
+    fp32 = ckpt.with_name("toy.onnx")
+    code = main(["convert", str(fp32), "--to", "onnx", "--precision", "int8", "--calib", str(calib),
+                 "--calib-holdout", "100", "--min-agreement", "0", "--json"])
+    doc = json.loads(capsys.readouterr().out)
+    int8 = ckpt.with_name("toy.int8.onnx")
+    assert code == 0 and doc["artifacts"] == {"onnx_int8": str(int8)} and OrtRunner(int8).precision == "int8"
+    assert doc["proof"][0]["inputs"] == "held-out" and doc["proof"][0]["precision"] == "int8"
+    assert main(["convert", str(int8), "--to", "onnx", "--precision", "int8", "--calib", str(calib)]) == 2
+    assert "already an int8" in capsys.readouterr().err
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["convert", str(int8), "--to", "trt", "--precision", "int8"]) == 2
+    assert "--calib" not in capsys.readouterr().err and sorted(p.name for p in tmp_path.iterdir()) == before

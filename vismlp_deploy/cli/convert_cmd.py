@@ -113,8 +113,6 @@ def _precision(args: argparse.Namespace) -> str:
         raise UserError(f"--to {args.to} makes {', '.join(TARGET_PRECISIONS[args.to])} artifacts, not {p}"
                         + ("; the ONNX graph of fp16/bf16 is made by the TensorRT build (--to trt)"
                            if args.to == "onnx" else ""))
-    if p == "int8" and args.calib is None:
-        raise UserError("--precision int8 needs calibration inputs: --calib DIR_OR_NPY")
     return p
 
 
@@ -142,12 +140,19 @@ def run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace, spec: str, precision: str) -> dict:
     """What converting ``spec`` will write, checked before any work starts."""
+    from ..export.onnx import is_quantized
+
     out = args.out or default_out(spec, args.to, precision, args.out_dir)
     onnx_out = out
     if args.to == "trt":
         onnx_out = out.with_suffix(".int8.onnx" if precision == "int8" else ".onnx")
-    if args.to == "trt" and Path(spec).suffix == ".onnx":
-        onnx_out = None  # the given ONNX is the engine's source
+    if Path(spec).suffix == ".onnx" and Path(spec).is_file():
+        if is_quantized(spec) and (args.to == "onnx" or precision != "int8"):
+            raise UserError(f"{spec} is already an int8 (Q/DQ) graph: build it --to trt --precision int8")
+        if args.to == "trt" and (precision != "int8" or is_quantized(spec)):
+            onnx_out = None  # the given ONNX is the engine's source (an fp32 one is quantized beside the engine)
+    if precision == "int8" and onnx_out is not None and args.calib is None:
+        raise UserError("--precision int8 needs calibration inputs: --calib DIR_OR_NPY")
     if onnx_out == out and args.to == "trt":
         raise UserError(f"--out {out}: the engine would overwrite the ONNX it is built from; give it another suffix "
                         "(e.g. .engine)")
@@ -197,6 +202,7 @@ class _Stages:
 
 def _convert(args: argparse.Namespace, plan: dict, profile, doc: dict, quiet: bool = False) -> None:
     """Convert one MODEL, filling ``doc`` (the --json document) as the stages run."""
+    from ..export.onnx import is_quantized
     out, onnx_out, precision = plan["out"], plan["onnx_out"], plan["precision"]
     doc.update({"model": plan["spec"], "to": args.to, "precision": precision, "artifacts": {}, "timings": {}})
     proofs: list[Comparison] = []
@@ -233,7 +239,7 @@ def _convert(args: argparse.Namespace, plan: dict, profile, doc: dict, quiet: bo
                 with torch.inference_mode():
                     own_ref = reference(inputs[0])
                 proofs.append(prove_stage(name, run_fn, inputs[0], own_ref, stage_precision, reference=ref_name,
-                                          inputs=inputs[1]))
+                                          inputs=inputs[1], min_top1=args.min_agreement))
             if not proofs[-1].passed:
                 for a in artifacts:  # a stage that fails its proof leaves nothing behind
                     for f in (a, Path(f"{a}.data"), Path(f"{a}.json")):
@@ -254,7 +260,7 @@ def _convert(args: argparse.Namespace, plan: dict, profile, doc: dict, quiet: bo
         elif source.kind != "onnx":
             _onnx_stage(args, doc, deploy, fp32_onnx, stage, prove, keep=precision != "int8")
         onnx_path = source.onnx_path if source.kind == "onnx" else fp32_onnx
-        if precision == "int8":
+        if precision == "int8" and not is_quantized(onnx_path):
             onnx_path = _int8_stage(args, doc, source, onnx_path, out if args.to == "onnx" else onnx_out, stage, prove)
         if args.to == "trt":
             try:
@@ -356,7 +362,8 @@ def _finish(args, doc: dict, source: Source, proofs: list[Comparison], quiet: bo
         say(styled(doc["arch"], "bold"), f" {doc.get('config')}")
     if source.train is not None and source.deploy is not None:
         print_report(source.deploy.reparam_report)
-    print_table(proof_table(proofs))
+    if proofs:
+        print_table(proof_table(proofs))
     for kind, path in doc["artifacts"].items():
         say(f"wrote {kind}: ", styled(path, "bold"))
     if "onnx" in doc:

@@ -97,11 +97,12 @@ class Comparison:
 
 def judge(candidate: str, y: Tensor, ref: Tensor, precision: str = "fp32", *, reference: str = "reference",
           inputs: str = "random", tolerance: float | None = None, atol: float | None = None,
-          rtol: float | None = None) -> Comparison:
+          rtol: float | None = None, min_top1: float | None = None) -> Comparison:
     """Compare ``y`` with ``ref`` (same shape) and attach the targets of ``precision``.
 
-    ``tolerance`` overrides the precision's relative-error target. Top-1 agreement is judged
-    only on real inputs (``inputs != "random"``).
+    ``tolerance`` overrides the precision's relative-error target and ``min_top1`` its top-1
+    agreement target (e.g. ``convert --min-agreement``). Top-1 agreement is judged only on
+    real inputs (``inputs != "random"``).
     """
     p = get_precision(precision)
     stats = compare(y, ref)
@@ -112,7 +113,7 @@ def judge(candidate: str, y: Tensor, ref: Tensor, precision: str = "fp32", *, re
         elem = int(((diff > atol) & (diff > rtol * ref.double().abs())).sum())
     low = not p.exact
     return Comparison(candidate, reference, inputs, precision, stats, p.tolerance if tolerance is None else tolerance,
-                      min_top1=p.min_top1 if low and inputs != "random" else None,
+                      min_top1=(p.min_top1 if min_top1 is None else min_top1) if low and inputs != "random" else None,
                       min_cosine=p.min_cosine if low else None, min_sqnr_db=p.min_sqnr_db if low else None,
                       atol=atol, rtol=rtol, elementwise_failures=elem)
 
