@@ -15,7 +15,8 @@ from vismlp_deploy.benchmark.run import bench
 from vismlp_deploy.cli import build_parser, main
 from vismlp_deploy.runtime import backends as B
 from vismlp_deploy.runtime.base import Runner
-from vismlp_deploy.verification.compare import as_source, default_runners, verify
+from vismlp_deploy.runtime.source import as_source
+from vismlp_deploy.verification.compare import default_runners, verify
 
 
 class Float64Runner(Runner):

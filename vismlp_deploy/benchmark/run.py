@@ -8,7 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..runtime.source import Source, from_named_config, from_train, load_source
+from ..runtime.source import Source, as_source, from_named_config
 from . import machine
 from .exports import export_ahead, onnx_paths
 from .sweep import BenchResult, SweepConfig, run_sweep
@@ -21,11 +21,7 @@ def bench(model: nn.Module | str | Path, *, on_step: Callable[[str, int], None] 
     ``settings`` are :class:`SweepConfig` fields, e.g. ``backends=("torch", "onnxruntime")``,
     ``batch_sizes=(1, 8)``, ``precisions=("fp32",)``, ``device="cpu"``, ``repeats=10``.
     """
-    if isinstance(model, nn.Module):
-        source = from_train(model, getattr(model, "arch", None) or type(model).__name__)
-    else:
-        source = load_source(model)
-    return run_sweep([source], SweepConfig(**settings), 1, on_step)
+    return run_sweep([as_source(model)], SweepConfig(**settings), 1, on_step)
 
 
 def zoo_names(families: list[str] | None = None) -> list[str]:

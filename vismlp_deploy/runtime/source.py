@@ -79,6 +79,17 @@ def load_source(spec: str | Path, *, arch: str | None = None, config: dict | Non
     return from_named_config(str(spec), seed, input_size=input_size, overrides=config, max_memory=max_memory)
 
 
+def as_source(model: nn.Module | str | Path | Source) -> Source:
+    """A Source from a train-form module (with ``input_size``), a path / named config, or a Source."""
+    if isinstance(model, Source):
+        return model
+    if isinstance(model, nn.Module):
+        if len(tuple(getattr(model, "input_size", ()) or ())) != 3:
+            raise UserError("the model needs an input_size attribute (C, H, W)")
+        return from_train(model, getattr(model, "arch", None) or type(model).__name__)
+    return load_source(model)
+
+
 def _hw(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 

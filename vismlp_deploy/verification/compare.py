@@ -28,7 +28,7 @@ from ..errors import UserError
 from ..precision import get_precision
 from ..runtime.backends import BACKENDS, default_backends, get_backend
 from ..runtime.factory import RunnerFactory, Unavailable
-from ..runtime.source import Source, from_train, load_source
+from ..runtime.source import Source, as_source
 from .images import IMAGENET_MEAN, IMAGENET_STD
 from .inputs import input_sets
 from .stats import Stats, compare
@@ -134,17 +134,6 @@ class VerifyResult:
     def to_dict(self) -> dict:
         return {"model": self.model, "reference": self.reference, "inputs": self.inputs, "passed": self.passed,
                 "comparisons": [c.to_dict() for c in self.comparisons]}
-
-
-def as_source(model: nn.Module | str | os.PathLike | Source) -> Source:
-    """A Source from a train-form module (with ``input_size``), a path / named config, or a Source."""
-    if isinstance(model, Source):
-        return model
-    if isinstance(model, nn.Module):
-        if len(tuple(getattr(model, "input_size", ()) or ())) != 3:
-            raise UserError("the model needs an input_size attribute (C, H, W)")
-        return from_train(model, getattr(model, "arch", None) or type(model).__name__)
-    return load_source(model)
 
 
 def default_runners(source: Source, device: str, precision: str) -> list[str]:
