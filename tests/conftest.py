@@ -11,4 +11,5 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", max_examples=40, deadline=None)
 settings.register_profile("dev", max_examples=15, deadline=None)
+settings.register_profile("thorough", max_examples=400, deadline=None)  # before a release: flush out rare cases
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

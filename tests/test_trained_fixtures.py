@@ -2,7 +2,7 @@
 
 Real weights of every family, in each family's upstream key layout, on the full 10k test set:
 detection finds the recorded format and config; the train form reproduces the recorded
-top-1 to the image; the deploy form (``reparameterize``), and the artifacts of
+top-1 (to the image here; within two images on other CPUs); the deploy form (``reparameterize``), and the artifacts of
 ``vismlp-deploy convert --to pt`` and ``--to onnx`` (the latter run in ONNX Runtime), give the
 train form's predictions on >= 99.99 % of the images, with ``max|y - ref| / max|ref|`` <= 1e-5
 over all 10k logits.
@@ -33,6 +33,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "fashion_mnist"
 MANIFEST: dict[str, dict] = json.loads((FIXTURES / "manifest.json").read_text())
 MIN_AGREEMENT = 0.9999  # of the 10k top-1 predictions
 FP32_REL_TOL = 1e-5
+TOP1_SLACK = 2  # images of the 10k whose recorded top-1 may differ on another CPU
 
 
 def run_batched(run: Callable[[Tensor], Tensor], x: Tensor, batch: int) -> Tensor:
@@ -121,7 +122,9 @@ def test_detected_as_recorded(trained: Trained) -> None:
 def test_train_form_reproduces_recorded_top1(trained: Trained) -> None:
     assert len(trained.labels) == trained.entry["test_images"] == 10_000
     correct = int((trained.logits.argmax(1) == trained.labels).sum())
-    assert correct == trained.entry["test_correct"], (
+    # to the image on the machine that recorded it; another CPU's GEMM kernels sum in another order,
+    # which can flip an image whose top two logits tie to float32 rounding: allow two of 10k
+    assert abs(correct - trained.entry["test_correct"]) <= TOP1_SLACK, (
         f"{correct} of 10000 correct, recorded {trained.entry['test_correct']}")
 
 
