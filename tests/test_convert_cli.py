@@ -76,6 +76,22 @@ def test_to_trt_without_tensorrt_exits_2_and_keeps_the_onnx(ckpt, capsys):
     assert not ckpt.with_name("toy.engine").exists()
 
 
+@pytest.mark.parametrize("flag, typing", [((), None), (("--weak-typing",), False)])
+def test_weak_typing_reaches_the_engine_build(ckpt, capsys, monkeypatch, flag, typing):
+    """``--weak-typing`` asks build_engine for the weakly typed network; without it the builder decides."""
+    from vismlp_deploy.errors import UserError
+    from vismlp_deploy.export import tensorrt
+
+    seen = {}
+
+    def fake_build(onnx_path, engine, **kw):
+        seen.update(kw)
+        raise UserError("stop here: no TensorRT in this test")
+    monkeypatch.setattr(tensorrt, "build_engine", fake_build)
+    code, _, err = _convert(capsys, ckpt, "--to", "trt", *flag)
+    assert code == 2 and "stop here" in err and seen["strongly_typed"] is typing
+
+
 def test_to_pt_still_works_and_outputs_are_not_overwritten(ckpt, capsys):
     code, doc, _ = _convert(capsys, ckpt, "--to", "pt")
     assert code == 0 and _stage_rows(doc) == ["deploy (torch fp32)"] and ckpt.with_name("toy.deploy.pt").is_file()

@@ -68,6 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workspace-gib", type=bounded_int(1, 1024), default=4, help="TensorRT workspace limit (default 4)")
     g.add_argument("--timing-cache", type=Path,
                    help="TensorRT timing cache file (default: per version/GPU in ~/.cache)")
+    g.add_argument("--weak-typing", action="store_true",
+                   help="TensorRT 10 only: build weakly typed (precision builder flags; TensorRT picks each "
+                        "layer's precision). Default: strongly typed, the ONNX fixes every precision")
     add_calibration_arguments(p)
 
 
@@ -344,7 +347,8 @@ def _trt_stage(args, doc, onnx_path: Path, engine: Path, profile, precision: str
 
     stage(f"building {engine} ({precision})", "engine_build_s", lambda: build_engine(
         onnx_path, engine, precision=precision, dynamic_batch=profile, workspace_gib=args.workspace_gib,
-        timing_cache=args.timing_cache, log=lambda m: say(m) if not args.json else None))
+        timing_cache=args.timing_cache, strongly_typed=False if args.weak_typing else None,
+        log=lambda m: say(m) if not args.json else None))
     doc["artifacts"]["engine"] = str(engine)
     doc["artifacts"]["engine_metadata"] = str(metadata_path(engine))
     runner = TrtRunner(engine)
