@@ -17,8 +17,9 @@ more nodes before simplification, and it is deprecated). So:
   ``<name>.onnx.data`` beside the model and onnxsim (which needs one protobuf) is skipped.
 
 The batch dimension is exported symbolic (``batch``) unless ``dynamic_batch=False``.
-Simplification runs onnxsim with ``check_n=1`` (its own random-input comparison); any
-failure keeps the unsimplified graph with a warning. ``onnx.checker`` always runs. The
+Simplification runs onnxsim, then compares the simplified and the exported graph in ONNX
+Runtime (``max|Δ| / max|ref|`` <= 1e-5 on a random input); any failure keeps the
+unsimplified graph with a warning. ``onnx.checker`` always runs. The
 final graph is audited: no training-only nodes, and for deploy forms no BatchNormalization
 that an exact fold could have removed (one directly after a Conv/Gemm, or directly before a
 padding-free Conv). Metadata (family, config, input size, re-parameterization summary,
@@ -44,6 +45,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import UserError, VerificationError, VisMLPWarning, first_line
+from ..precision import get_precision
 
 DEFAULT_OPSET = 20
 OPSETS = (17, 18, 19, 20)
@@ -171,19 +173,43 @@ def _export(model: nn.Module, x: torch.Tensor, path: Path, opset: int, dynamic: 
 
 
 def _simplify(proto: onnx.ModelProto, test_shape: tuple[int, ...], notes: list[str]) -> tuple[onnx.ModelProto, bool]:
-    """onnxsim with its output comparison on (``check_n=1``); the original graph on any failure."""
+    """onnxsim, then both graphs in ONNX Runtime on one random input of ``test_shape``; the
+    original graph on any failure or if the outputs differ by more than fp32's rtol.
+
+    onnxsim's own check is off (``check_n=0``): it is an elementwise ``allclose(rtol=1e-4,
+    atol=1e-5)``, which refuses large logits that agree to float32 rounding (RepMLPNet-T224,
+    max|y| 426: one logit of 0.18 moved by 2e-4, 7e-7 of max|y|). The measure here is the one
+    every proof of this package uses, ``max|Δ| / max|ref|``.
+    """
     import onnxsim
 
     try:
-        with redirect_stdout(io.StringIO()):  # onnxsim prints "Checking 0/1..."
-            simplified, ok = onnxsim.simplify(proto, check_n=1, test_input_shapes={INPUT_NAME: list(test_shape)})
-    except Exception as e:  # onnxsim raises RuntimeError, ValueError, onnx errors ...
+        with redirect_stdout(io.StringIO()):  # onnxsim prints progress
+            simplified, _ = onnxsim.simplify(proto, check_n=0)
+        err = _ort_rel_err(simplified, proto, test_shape)
+    except Exception as e:  # onnxsim and ORT raise RuntimeError, ValueError, onnx errors ...
         notes.append(f"onnxsim failed ({type(e).__name__}: {str(e).strip()[:200]}); kept the unsimplified graph")
         return proto, False
-    if not ok:
-        notes.append("onnxsim's output check failed; kept the unsimplified graph")
+    rtol = get_precision("fp32").tolerance
+    if not err <= rtol:
+        notes.append(f"onnxsim changed the output (relative error {err:.1e} > {rtol:.0e}); kept the unsimplified graph")
         return proto, False
     return simplified, True
+
+
+def _ort_rel_err(new: onnx.ModelProto, ref: onnx.ModelProto, shape: tuple[int, ...]) -> float:
+    """max|Δ| / max|ref| over all outputs of two float32 graphs run in ORT on one N(0, 1) input."""
+    import numpy as np
+    import onnxruntime as ort
+
+    x = {INPUT_NAME: np.random.default_rng(0).standard_normal(shape, dtype=np.float32)}
+
+    def run(m: onnx.ModelProto) -> list:
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)
+    worst = 0.0
+    for a, b in zip(run(new), run(ref), strict=True):
+        worst = max(worst, float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)))
+    return worst
 
 
 def _model_metadata(model: nn.Module) -> dict:
