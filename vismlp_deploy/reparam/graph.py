@@ -32,9 +32,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten
 
 from ..errors import UserError, VerificationError
+from ..verification.stats import rel_err
 from .graph_affine import AffineOp, affine_of
 from .graph_commute import merge_next, push_through_mixer
 from .graph_edit import GraphCtx, Inapplicable
@@ -195,9 +195,9 @@ def verify_equal(ref: nn.Module | Any, new: nn.Module, x: Tensor, rtol: float, e
     with torch.no_grad():
         y_new, y_ref = new(x), ref(x) if isinstance(ref, nn.Module) else ref
     if exact is None:
-        err, budget = _rel_err(y_new, y_ref), rtol
+        err, budget = rel_err(y_new, y_ref), rtol
     else:
-        err, budget = _rel_err(y_new, exact), rtol + _rel_err(y_ref, exact)
+        err, budget = rel_err(y_new, exact), rtol + rel_err(y_ref, exact)
     if not err <= budget:
         raise VerificationError(f"graph folding changed the output: relative error {err:.3e} > {budget:.1e}")
 
@@ -213,19 +213,3 @@ def _float64_reference(model: nn.Module, x: Tensor) -> tuple[nn.Module, Tensor, 
             return ref64, x64, ref64(x64)
     except RuntimeError:
         return None
-
-
-def _rel_err(y, ref) -> float:
-    ys, _ = tree_flatten(y)
-    refs, _ = tree_flatten(ref)
-    if len(ys) != len(refs):
-        return float("inf")
-    worst = 0.0
-    for a, b in zip(ys, refs):
-        if not isinstance(b, Tensor):
-            continue
-        if a.shape != b.shape:
-            return float("inf")
-        a, b = a.double(), b.double()
-        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)) if b.numel() else 0.0)
-    return worst

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten
 
 SQNR_CAP_DB = 300.0  # reported for identical outputs (no noise at all): finite, so JSON stays valid
 
@@ -35,6 +36,25 @@ class Stats:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "min_tolerance": self.min_tolerance}
+
+
+def rel_err(y, ref) -> float:
+    """max|y - ref| / max|ref|, the numerics policy's measure, worst over the tensors of two
+    outputs of the same structure (a tensor, or tuples/lists/dicts of them); inf where the
+    structures or shapes differ."""
+    ys, _ = tree_flatten(y)
+    refs, _ = tree_flatten(ref)
+    if len(ys) != len(refs):
+        return float("inf")
+    worst = 0.0
+    for a, b in zip(ys, refs):
+        if not isinstance(b, Tensor):
+            continue
+        if a.shape != b.shape:
+            return float("inf")
+        a, b = a.double(), b.double()
+        worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)) if b.numel() else 0.0)
+    return worst
 
 
 def compare(y: Tensor, ref: Tensor) -> Stats:
